@@ -1,0 +1,365 @@
+"""Wiring Delta Attention Residuals into a LitGPT ``GPT``: the patch, filters, statistics, checkpoints.
+
+``patch_model(model, DARConfig(...))`` adds one ``dar`` module (a :class:`~lit_dar.routing.DepthRouter`)
+to an existing model and swaps the classes of the model and its blocks for thin subclasses whose
+forward threads the routing state through the layers. The model stays a ``litgpt.GPT`` and its blocks
+stay ``litgpt.model.Block`` instances, so FSDP wrap policies, activation checkpointing, generation
+and LitGPT's utilities keep working; every block is still called as a module, so FSDP's hooks fire.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from litgpt.model import GPT, Block, batched_index_select, do_softcapping
+from litgpt.utils import save_config
+from torch import Tensor
+
+from lit_dar.config import DARConfig
+from lit_dar.routing import DepthRouter, RoutingPlan, RoutingState, route_layer, summarize_weights
+
+DAR_PREFIX = "dar"
+CHECKPOINT_FILE = "lit_model.pth"
+
+
+# --------------------------------------------------------------------------------------------------
+# Patched classes
+# --------------------------------------------------------------------------------------------------
+
+
+class DARBlockMixin:
+    """A ``Block`` whose forward also accepts ``routing=(router, plan, state)`` and returns ``(x, state)``.
+
+    Without ``routing`` it is exactly LitGPT's block.
+    """
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None = None,
+        input_pos: Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        routing: tuple[DepthRouter, RoutingPlan, RoutingState] | None = None,
+    ) -> Tensor | tuple[Tensor, RoutingState]:
+        if routing is None:
+            return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)  # type: ignore[misc]
+        router, plan, state = routing
+
+        def attn(h: Tensor) -> Tensor:
+            out = self.attn(self.norm_1(h), cos, sin, mask, input_pos, input_pos_maxp1)
+            return self.post_attention_norm(out)
+
+        mlp_norm = self.norm_1 if self.config.shared_attention_norm else self.norm_2
+
+        def mlp(h: Tensor) -> Tensor:
+            return self.post_mlp_norm(self.mlp(mlp_norm(h)))
+
+        return route_layer(plan, router, self.dar_layer, x, state, attn, mlp)
+
+
+class DARGPTMixin:
+    """A ``GPT`` whose forward routes every sublayer's input through ``self.dar``."""
+
+    def forward(
+        self,
+        idx: Tensor,
+        input_pos: Tensor | None = None,
+        input_pos_maxp1: int | None = None,
+        lm_head_chunk_size: int = 0,
+    ) -> Tensor | list[Tensor]:
+        cos, sin, mask, input_pos_maxp1 = _rope_and_mask(self, idx, input_pos, input_pos_maxp1)
+        config = self.config
+        x = self.transformer.wte(idx)
+        if config.scale_embeddings:
+            x = x * torch.tensor(config.n_embd**0.5, dtype=x.dtype)
+
+        router, plan = self.dar, self.dar_plan
+        stats: dict | None = {} if router.record_stats else None
+        state = RoutingState((x,), None, stats)
+        for block_idx, block in enumerate(self.transformer.h):
+            c, s = cos, sin
+            if config.rope_indices is not None:
+                c, s = cos[..., config.rope_indices[block_idx]], sin[..., config.rope_indices[block_idx]]
+            x, state = block(x, c, s, mask, input_pos, input_pos_maxp1, routing=(router, plan, state))
+        if plan.route_final:
+            x = router.route(plan.n_routes - 1, state.final(), stats)
+        if stats is not None:
+            router.last_weights = [stats[k] for k in sorted(stats)]
+
+        x = self.transformer.ln_f(x)
+        clamp_head = (
+            partial(do_softcapping, thresh=config.final_logit_softcapping)
+            if config.final_logit_softcapping is not None
+            else nn.Identity()
+        )
+        if lm_head_chunk_size > 0:
+            return [clamp_head(self.lm_head(x_i)) for x_i in x.split(lm_head_chunk_size, dim=1)]
+        return clamp_head(self.lm_head(x))
+
+
+def _rope_and_mask(
+    model: GPT, idx: Tensor, input_pos: Tensor | None, input_pos_maxp1: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, int | None]:
+    """RoPE tables and KV-cache mask for a forward, exactly as ``litgpt.model.GPT.forward`` builds them."""
+    T = idx.size(1)
+    if model.max_seq_length < T:
+        raise ValueError(f"Cannot forward sequence of length {T}, max seq length is only {model.max_seq_length}.")
+    if input_pos is None:
+        return model.cos[:T].unsqueeze(0), model.sin[:T].unsqueeze(0), None, None
+    if input_pos.dim() > 2:
+        raise ValueError(f"input_pos must have 1 or 2 dimensions, input_pos.shape = {input_pos.shape}")
+    if input_pos.shape[-1] != T:
+        raise ValueError(f"input_pos.shape[-1] = {input_pos.shape[-1]} != {T} = idx.shape[1], must be the same")
+    cos = batched_index_select(model.cos, 0, input_pos)
+    sin = batched_index_select(model.sin, 0, input_pos)
+    if input_pos.dim() == 1:
+        cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+    if model.mask_cache is None:
+        raise TypeError("You need to call `gpt.set_kv_cache()`")
+    mask = batched_index_select(model.mask_cache, 2, input_pos)
+    if mask.dim() > 4:
+        mask = mask.view(*(mask.shape[0:1] + mask.shape[2:]))
+    if input_pos_maxp1 is not None:
+        if input_pos_maxp1 > model.max_seq_length:
+            raise ValueError(f"Positions in 'input_pos' must be in [0,{model.max_seq_length})")
+        mask = mask[..., :input_pos_maxp1]
+    return cos, sin, mask, input_pos_maxp1
+
+
+class DARGPT(DARGPTMixin, GPT):
+    """``litgpt.GPT`` with Delta Attention Residuals (what ``patch_model`` turns a ``GPT`` into)."""
+
+
+class DARBlock(DARBlockMixin, Block):
+    """``litgpt.model.Block`` that can route its sublayer inputs."""
+
+
+_PATCHED_CLASSES: dict[type, type] = {GPT: DARGPT, Block: DARBlock}
+
+
+def _patched_class(cls: type, mixin: type) -> type:
+    """The DAR subclass of ``cls``; subclasses of GPT/Block (e.g. LoRA's) get one made on first use."""
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"DAR{cls.__name__}", (mixin, cls), {"__module__": cls.__module__})
+    return _PATCHED_CLASSES[cls]
+
+
+# --------------------------------------------------------------------------------------------------
+# The patch
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_unwrapped(model: nn.Module) -> None:
+    """Routing parameters added after DDP/FSDP wrapping would not be synced or sharded: refuse early."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    fix = "Call lit_dar.patch_model on the plain litgpt.GPT before the strategy wraps or shards it."
+    if isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
+        raise TypeError(f"The model is already wrapped by {type(model).__name__}. {fix}")
+    for name, module in model.named_modules():
+        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
+            raise ValueError(f"The model is already sharded by FSDP (module {name or '<root>'!r}). {fix}")
+    for name, param in model.named_parameters():
+        if isinstance(param, DTensor) or type(param).__name__ == "FlatParameter":
+            raise ValueError(f"Parameter {name!r} is already sharded ({type(param).__name__}). {fix}")
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, DARGPTMixin)
+
+
+def patch_model(model: GPT, config: DARConfig) -> GPT:
+    """Turn ``model`` into a Delta Attention Residuals model in place and return it.
+
+    Adds ``model.dar`` (all routing parameters, initialised for uniform routing and a closed gate) on the
+    model's device and dtype — the meta device included, where ``reset_parameters`` materialises them.
+    Raises a ``TypeError``/``ValueError`` that names the fix for: something that is not a LitGPT GPT, a
+    model already patched, wrapped or sharded, and a block count the model cannot have.
+    """
+    if not isinstance(config, DARConfig):
+        raise TypeError(f"patch_model expects a lit_dar.DARConfig, got {type(config).__name__}.")
+    if not isinstance(model, GPT):
+        _check_unwrapped(model)
+        raise TypeError(
+            f"patch_model expects a litgpt.GPT, got {type(model).__name__}. Pass the LitGPT model itself "
+            "(e.g. `lit_module.model`)."
+        )
+    if is_patched(model) or hasattr(model, DAR_PREFIX):
+        raise ValueError(
+            f"This model is already patched with {get_dar_config(model)}. Build or load a fresh litgpt.GPT to "
+            "patch it with another config."
+        )
+    _check_unwrapped(model)
+    plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
+    weight = model.lm_head.weight
+    router = DepthRouter(
+        plan.n_routes, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source,
+        eps=config.eps, device=weight.device,
+    ).to(weight.dtype)
+    router.config_dict = config.to_dict()  # travels in the state dict as `dar._extra_state`
+    model.add_module(DAR_PREFIX, router)
+    model.dar_plan = plan
+    model.__class__ = _patched_class(type(model), DARGPTMixin)
+    for layer, block in enumerate(model.transformer.h):
+        block.dar_layer = layer
+        block.__class__ = _patched_class(type(block), DARBlockMixin)
+    return model
+
+
+def get_dar_config(model: nn.Module) -> DARConfig | None:
+    """The DAR config a model was patched with, or ``None`` for a plain model."""
+    router = find_router(model)
+    return None if router is None else DARConfig.from_dict(router.config_dict)
+
+
+def find_router(model: nn.Module) -> DepthRouter | None:
+    """The ``DepthRouter`` inside ``model`` (also when wrapped, e.g. by a LightningModule or DDP)."""
+    return next((m for m in model.modules() if isinstance(m, DepthRouter)), None)
+
+
+def build_model(config: Any, dar: DARConfig | None = None, device: torch.device | str | None = None) -> GPT:
+    """A fresh ``litgpt.GPT`` for ``config`` (a ``litgpt.Config``), patched when ``dar`` is given."""
+    with torch.device(device) if device is not None else nullcontext():
+        model = GPT(config)
+    return model if dar is None else patch_model(model, dar)
+
+
+# --------------------------------------------------------------------------------------------------
+# Filters, trainables, overhead, statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def dar_filter(key: str, value: Any = None) -> bool:
+    """True for routing weights, in the manner of ``litgpt.lora.lora_filter`` (wrapper prefixes allowed)."""
+    return key.startswith(f"{DAR_PREFIX}.") or f".{DAR_PREFIX}." in key
+
+
+def routing_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if dar_filter(n)]
+
+
+def mark_only_routing_as_trainable(model: nn.Module) -> None:
+    """Freeze the base model, train only the routing parameters (``freeze_base``)."""
+    if not routing_parameters(model):
+        raise ValueError("The model has no routing parameters: call lit_dar.patch_model first.")
+    for name, param in model.named_parameters():
+        param.requires_grad = dar_filter(name)
+
+
+def routing_overhead(model: nn.Module) -> dict[str, float]:
+    """Routing parameter count against the base model (works on the meta device)."""
+    routing = sum(p.numel() for p in routing_parameters(model))
+    base = sum(p.numel() for n, p in model.named_parameters() if not dar_filter(n))
+    return {"routing_params": routing, "base_params": base, "percent": 100.0 * routing / max(base, 1)}
+
+
+def enable_routing_stats(model: nn.Module, enabled: bool = True) -> None:
+    """Record the routing weights of the next forwards (off by default: then nothing is kept)."""
+    router = find_router(model)
+    if router is None:
+        raise ValueError("The model has no routing: call lit_dar.patch_model first.")
+    router.record_stats = enabled
+    if not enabled:
+        router.last_weights = []
+
+
+def routing_statistics(model: nn.Module) -> list[dict[str, Tensor]]:
+    """Per routed point of the last forward: mean weight per source, mean max weight, entropy (+ uniform refs).
+
+    Source 0 is the null source when the config has one, then ``x0``, then the completed sources.
+    """
+    router = find_router(model)
+    if router is None or not router.last_weights:
+        raise ValueError("No routing weights recorded: call enable_routing_stats(model) and run a forward first.")
+    with torch.no_grad():
+        return [summarize_weights(alpha) for alpha in router.last_weights]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def routing_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the routing weights (as LitGPT saves only LoRA's), keyed as in the full state dict."""
+    return {k: v for k, v in model.state_dict().items() if dar_filter(k)}
+
+
+def load_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> list[str]:
+    """Load a LitGPT or lit-dar state dict into a patched model; return the routing keys left at init.
+
+    A plain LitGPT checkpoint lacks exactly the routing keys: they keep their identity-friendly init and
+    are returned (and warned about). Any other missing or unexpected key is an error, and so is a DAR
+    checkpoint made with another DAR config.
+    """
+    if isinstance(checkpoint, (str, Path)):
+        path = Path(checkpoint)
+        if path.is_dir():
+            path = path / CHECKPOINT_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
+        checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    state_dict = checkpoint.get("model", checkpoint)
+    has_routing = any(dar_filter(k) for k in state_dict)
+    result = model.load_state_dict(state_dict, strict=False)
+    other_missing = [k for k in result.missing_keys if not dar_filter(k)]
+    if other_missing or result.unexpected_keys:
+        raise ValueError(
+            f"Checkpoint does not match the model: missing {other_missing[:5]}{'…' if len(other_missing) > 5 else ''},"
+            f" unexpected {result.unexpected_keys[:5]}. Is it a checkpoint of another architecture or DAR mode?"
+        )
+    routing_missing = [k for k in result.missing_keys if dar_filter(k)]
+    if routing_missing and has_routing:
+        raise ValueError(f"Checkpoint has only part of the routing weights; missing {routing_missing}.")
+    if routing_missing:
+        warnings.warn(
+            f"Loaded a checkpoint without routing weights: {len(routing_missing)} routing keys keep their "
+            "initialisation (expected when converting a plain LitGPT checkpoint).",
+            stacklevel=2,
+        )
+    return routing_missing
+
+
+def save_checkpoint(model: GPT, checkpoint_dir: str | Path) -> Path:
+    """Write ``lit_model.pth``, LitGPT's ``model_config.yaml`` and, for a patched model, ``dar_config.yaml``."""
+    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_dir / CHECKPOINT_FILE
+    tmp = path.with_suffix(".pth.tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)  # a crash never leaves a half-written checkpoint under the real name
+    save_config(model.config, checkpoint_dir)
+    dar = get_dar_config(model)
+    if dar is not None:
+        dar.save(checkpoint_dir)
+    return path
+
+
+def load_model(checkpoint_dir: str | Path, device: torch.device | str | None = None) -> GPT:
+    """Rebuild a model from a checkpoint directory alone: LitGPT config, DAR config if present, weights."""
+    from litgpt import Config
+
+    from lit_dar.config import DAR_CONFIG_FILE
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "model_config.yaml").is_file():
+        raise FileNotFoundError(f"{str(checkpoint_dir)!r} has no model_config.yaml: is it a LitGPT checkpoint dir?")
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    dar = DARConfig.from_file(checkpoint_dir) if (checkpoint_dir / DAR_CONFIG_FILE).is_file() else None
+    model = build_model(config, dar, device="meta")
+    model = model.to_empty(device=device or "cpu")
+    model.reset_parameters()  # rope caches; weights come from the checkpoint
+    if dar is not None:
+        model.dar.reset_parameters()
+    load_checkpoint(model, checkpoint_dir)
+    return model
