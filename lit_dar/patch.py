@@ -22,7 +22,7 @@ from litgpt.utils import save_config
 from torch import Tensor
 
 from lit_dar.config import DARConfig
-from lit_dar.routing import DepthRouter, RoutingPlan, RoutingState, route_layer, summarize_weights
+from lit_dar.routing import DepthRouter, RoutingPlan, summarize_weights
 
 DAR_PREFIX = "dar"
 CHECKPOINT_FILE = "lit_model.pth"
@@ -34,9 +34,10 @@ CHECKPOINT_FILE = "lit_model.pth"
 
 
 class DARBlockMixin:
-    """A ``Block`` whose forward also accepts ``routing=(router, plan, state)`` and returns ``(x, state)``.
+    """A ``Block`` whose forward also accepts ``routing=(rule, state)`` and then returns ``(x, state)``.
 
-    Without ``routing`` it is exactly LitGPT's block.
+    ``rule`` is the model's residual rule (``model.dar``): it decides what each sublayer reads and how the
+    stream grows; the block only supplies its two sublayers. Without ``routing`` it is LitGPT's block.
     """
 
     def forward(
@@ -47,11 +48,11 @@ class DARBlockMixin:
         mask: Tensor | None = None,
         input_pos: Tensor | None = None,
         input_pos_maxp1: int | None = None,
-        routing: tuple[DepthRouter, RoutingPlan, RoutingState] | None = None,
-    ) -> Tensor | tuple[Tensor, RoutingState]:
+        routing: tuple[DepthRouter, Any] | None = None,
+    ) -> Tensor | tuple[Tensor, Any]:
         if routing is None:
             return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)  # type: ignore[misc]
-        router, plan, state = routing
+        rule, state = routing
 
         def attn(h: Tensor) -> Tensor:
             out = self.attn(self.norm_1(h), cos, sin, mask, input_pos, input_pos_maxp1)
@@ -62,7 +63,7 @@ class DARBlockMixin:
         def mlp(h: Tensor) -> Tensor:
             return self.post_mlp_norm(self.mlp(mlp_norm(h)))
 
-        return route_layer(plan, router, self.dar_layer, x, state, attn, mlp)
+        return rule.layer(self.dar_layer, x, state, attn, mlp)
 
 
 class DARGPTMixin:
@@ -81,18 +82,14 @@ class DARGPTMixin:
         if config.scale_embeddings:
             x = x * torch.tensor(config.n_embd**0.5, dtype=x.dtype)
 
-        router, plan = self.dar, self.dar_plan
-        stats: dict | None = {} if router.record_stats else None
-        state = RoutingState((x,), None, stats)
+        rule = self.dar
+        state = rule.start(x)
         for block_idx, block in enumerate(self.transformer.h):
             c, s = cos, sin
             if config.rope_indices is not None:
                 c, s = cos[..., config.rope_indices[block_idx]], sin[..., config.rope_indices[block_idx]]
-            x, state = block(x, c, s, mask, input_pos, input_pos_maxp1, routing=(router, plan, state))
-        if plan.route_final:
-            x = router.route(plan.n_routes - 1, state.final(), stats)
-        if stats is not None:
-            router.last_weights = [stats[k] for k in sorted(stats)]
+            x, state = block(x, c, s, mask, input_pos, input_pos_maxp1, routing=(rule, state))
+        x = rule.finish(x, state)
 
         x = self.transformer.ln_f(x)
         clamp_head = (
@@ -203,12 +200,11 @@ def patch_model(model: GPT, config: DARConfig) -> GPT:
     plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
     weight = model.lm_head.weight
     router = DepthRouter(
-        plan.n_routes, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source,
+        plan, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source,
         eps=config.eps, device=weight.device,
     ).to(weight.dtype)
     router.config_dict = config.to_dict()  # travels in the state dict as `dar._extra_state`
     model.add_module(DAR_PREFIX, router)
-    model.dar_plan = plan
     model.__class__ = _patched_class(type(model), DARGPTMixin)
     for layer, block in enumerate(model.transformer.h):
         block.dar_layer = layer

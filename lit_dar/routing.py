@@ -261,11 +261,13 @@ class DepthRouter(nn.Module):
     """
 
     def __init__(
-        self, n_routes: int, n_embd: int, gate: bool, null_source: bool, eps: float = 1e-6,
+        self, plan: RoutingPlan, n_embd: int, gate: bool, null_source: bool, eps: float = 1e-6,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        self.plan = plan
         self.eps = eps
+        n_routes = plan.n_routes
         self.query = nn.Parameter(torch.empty(n_routes, n_embd, device=device))
         self.key_gain = nn.Parameter(torch.empty(n_routes, n_embd, device=device))
         self.gate = nn.Parameter(torch.empty(n_routes, device=device)) if gate else None
@@ -304,41 +306,52 @@ class DepthRouter(nn.Module):
             sources = (self.null[k].to(sources[0].dtype).expand_as(sources[0]), *sources)
         return depth_attention(sources, self.query[k], self.key_gain[k], self.eps, stats, k)
 
-    def combine(self, k: int, stream: Tensor, mixture: Tensor, additive: bool) -> Tensor:
+    def combine(self, k: int, stream: Tensor, mixture: Tensor) -> Tensor:
         """Sublayer input: ``s + g·r`` (additive; g = 1 without a gate) or ``r`` (replacement)."""
-        if not additive:
+        if not self.plan.additive:
             return mixture
         if self.gate is None:
             return stream + mixture
         return stream + self.gate[k].to(mixture.dtype) * mixture
 
+    # The residual-rule interface the patched model calls: start → layer (per block) → finish.
 
-def route_layer(
-    plan: RoutingPlan,
-    router: DepthRouter,
-    layer: int,
-    stream: Tensor,
-    state: RoutingState,
-    attn: Callable[[Tensor], Tensor],
-    mlp: Callable[[Tensor], Tensor],
-) -> tuple[Tensor, RoutingState]:
-    """One transformer layer under ``plan``: route each sublayer's input, run it, grow stream and sources.
+    def start(self, x0: Tensor) -> RoutingState:
+        """The sources of a new forward: just the embedding ``x0``."""
+        return RoutingState((x0,), None, {} if self.record_stats else None)
 
-    ``attn`` and ``mlp`` map a sublayer input ``h`` to the sublayer output ``v`` (norms included). The
-    stream update ``s ← v + s`` is written in the order LitGPT uses, so a closed gate is bit-exact.
-    """
-    pair = (2 * layer, 2 * layer + 1)
-    if plan.parallel:  # both sublayers read the sources completed before this layer
-        seen = state.visible(plan)
-        outputs = [f(router.combine(j, stream, router.route(j, seen, state.stats), plan.additive))
-                   for j, f in zip(pair, (attn, mlp))]
-        for j, v in zip(pair, outputs):
+    def layer(
+        self,
+        layer: int,
+        stream: Tensor,
+        state: RoutingState,
+        attn: Callable[[Tensor], Tensor],
+        mlp: Callable[[Tensor], Tensor],
+    ) -> tuple[Tensor, RoutingState]:
+        """One transformer layer: route each sublayer's input, run it, grow the stream and the sources.
+
+        ``attn`` and ``mlp`` map a sublayer input ``h`` to the sublayer output ``v`` (norms included). The
+        stream update ``s ← v + s`` is written in the order LitGPT uses, so a closed gate is bit-exact.
+        """
+        plan, pair = self.plan, (2 * layer, 2 * layer + 1)
+        if plan.parallel:  # both sublayers read the sources completed before this layer
+            seen = state.visible(plan)
+            outputs = [f(self.combine(j, stream, self.route(j, seen, state.stats))) for j, f in zip(pair, (attn, mlp))]
+            for j, v in zip(pair, outputs):
+                stream, state = v + stream, state.emit(plan, j, v)
+            return stream, state
+        for j, f in zip(pair, (attn, mlp)):
+            v = f(self.combine(j, stream, self.route(j, state.visible(plan), state.stats)))
             stream, state = v + stream, state.emit(plan, j, v)
         return stream, state
-    for j, f in zip(pair, (attn, mlp)):
-        v = f(router.combine(j, stream, router.route(j, state.visible(plan), state.stats), plan.additive))
-        stream, state = v + stream, state.emit(plan, j, v)
-    return stream, state
+
+    def finish(self, stream: Tensor, state: RoutingState) -> Tensor:
+        """The hidden state fed to the final norm: the stream, or its own routed mixture (AttnRes)."""
+        if self.plan.route_final:
+            stream = self.route(self.plan.n_routes - 1, state.final(), state.stats)
+        if state.stats is not None:
+            self.last_weights = [state.stats[k] for k in sorted(state.stats)]
+        return stream
 
 
 def routing_entropy(alpha: Tensor) -> Tensor:
@@ -368,7 +381,6 @@ __all__ = [
     "depth_attention",
     "layers_per_block",
     "reference_depth_attention",
-    "route_layer",
     "routing_entropy",
     "summarize_weights",
 ]
