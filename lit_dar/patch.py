@@ -198,7 +198,7 @@ def patch_model(model: GPT, config: DARConfig) -> GPT:
         )
     _check_unwrapped(model)
     plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
-    weight = model.lm_head.weight
+    weight = model.transformer.wte.weight
     router = DepthRouter(
         plan, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source,
         eps=config.eps, device=weight.device,
@@ -314,7 +314,8 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -
             f"Checkpoint does not match the model: missing {other_missing[:5]}{'…' if len(other_missing) > 5 else ''},"
             f" unexpected {result.unexpected_keys[:5]}. Is it a checkpoint of another architecture or DAR mode?"
         )
-    routing_missing = [k for k in result.missing_keys if dar_filter(k)]
+    # the config entry (`dar._extra_state`) is naturally absent from a plain checkpoint: report weights only
+    routing_missing = [k for k in result.missing_keys if dar_filter(k) and not k.endswith("._extra_state")]
     if routing_missing and has_routing:
         raise ValueError(f"Checkpoint has only part of the routing weights; missing {routing_missing}.")
     if routing_missing:

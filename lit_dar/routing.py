@@ -41,6 +41,12 @@ def _weights(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return inv_rms, dots, torch.softmax(logits, dim=-1)
 
 
+def _stack(sources: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
+    """Sources stacked on dim -2 in the accumulation dtype: fp32, or fp64 for float64 inputs."""
+    dtype = torch.promote_types(sources[0].dtype, torch.float32)
+    return torch.stack([u.to(dtype) for u in sources], dim=-2)
+
+
 class _DepthAttention(torch.autograd.Function):
     """``r = Σ_i softmax_i(q · u_i / rms(u_i)) u_i``, fp32 inside, with a recomputing backward.
 
@@ -50,28 +56,29 @@ class _DepthAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, eps: float, stats: dict | None, key: int, *sources: Tensor) -> Tensor:  # type: ignore[override]
-        x = torch.stack([u.float() for u in sources], dim=-2)  # (..., n, D)
-        _, _, alpha = _weights(x, q, eps)
+        x = _stack(sources)  # (..., n, D)
+        _, _, alpha = _weights(x, q.to(x.dtype), eps)
         out = (alpha.unsqueeze(-2) @ x).squeeze(-2)
         if stats is not None:
             stats[key] = alpha.detach()
         ctx.save_for_backward(q, *sources)
-        ctx.eps = eps
+        ctx.eps, ctx.q_dtype = eps, q.dtype
         return out.to(sources[0].dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         q, *sources = ctx.saved_tensors
-        x = torch.stack([u.float() for u in sources], dim=-2)
+        x = _stack(sources)
+        q = q.to(x.dtype)
         inv_rms, dots, alpha = _weights(x, q, ctx.eps)
-        g = grad_out.float()
+        g = grad_out.to(x.dtype)
         d_alpha = (x @ g.unsqueeze(-1)).squeeze(-1)  # (..., n): u_i · dr
         d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
         # logit_i = (q · u_i) · inv_rms_i, inv_rms_i = (mean(u_i²) + eps)^(-1/2)
         c = d_logit * inv_rms  # coefficient of q in d logit_i / d u_i
         c_u = -d_logit * dots * inv_rms.pow(3) / x.shape[-1]  # coefficient of u_i
         d_x = alpha.unsqueeze(-1) * g.unsqueeze(-2) + c.unsqueeze(-1) * q + c_u.unsqueeze(-1) * x
-        d_q = (c.unsqueeze(-1) * x).flatten(0, -2).sum(0) if ctx.needs_input_grad[0] else None
+        d_q = (c.unsqueeze(-1) * x).flatten(0, -2).sum(0).to(ctx.q_dtype) if ctx.needs_input_grad[0] else None
         d_sources = [d_x[..., i, :].to(u.dtype) for i, u in enumerate(sources)]
         return (d_q, None, None, None, *d_sources)
 
@@ -98,7 +105,7 @@ def depth_attention(
     Returns:
         ``r = Σ_i α_i u_i`` in the sources' dtype; logits, softmax and mixture are computed in fp32.
     """
-    q = query.float() * key_gain.float()
+    q = query.to(torch.promote_types(query.dtype, torch.float32)) * key_gain
     return _DepthAttention.apply(q, eps, stats, key, *sources)
 
 

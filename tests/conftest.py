@@ -1,0 +1,53 @@
+"""Tiny LitGPT models that keep each architecture's structural flags (norms, MoE, parallel residual, …)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from litgpt import GPT, Config
+
+ARCHITECTURES = [
+    "Llama-3.2-1B",
+    "Qwen2.5-0.5B",
+    "Qwen3-0.6B",
+    "Qwen3-30B-A3B",
+    "gemma-2-2b",
+    "Gemma-3-1b-it",
+    "pythia-14m",
+    "falcon-7b",
+    "phi-2",
+    "Mixtral-8x7B-v0.1",
+    "OLMo-2-1124-7B",
+]
+MODES = ["delta", "delta_block", "attnres_full", "attnres_block"]
+
+
+def tiny_config(name: str = "Qwen3-0.6B", n_layer: int = 4, **overrides) -> Config:
+    """A few-layer, narrow version of a named LitGPT config with its structure intact."""
+    base = Config.from_name(name)
+    kwargs = dict(
+        n_layer=n_layer, n_embd=32, n_head=4, head_size=8, intermediate_size=48, vocab_size=96,
+        padded_vocab_size=96, block_size=64,
+        n_query_groups=1 if base.n_query_groups == 1 else (4 if base.n_query_groups == base.n_head else 2),
+    )
+    if base.n_expert:
+        kwargs.update(n_expert=4, n_expert_per_token=2)
+        if base.moe_intermediate_size:
+            kwargs.update(moe_intermediate_size=16)
+    kwargs.update(overrides)
+    return Config.from_name(name, **kwargs)
+
+
+def tiny_gpt(name: str = "Qwen3-0.6B", seed: int = 0, **overrides) -> GPT:
+    """A tiny model with non-trivial weights (norm gains and biases perturbed too)."""
+    torch.manual_seed(seed)
+    model = GPT(tiny_config(name, **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(1234)
