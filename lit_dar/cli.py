@@ -1,0 +1,381 @@
+"""The ``lit-dar`` command: LitGPT-style recipes run through the Lightning Trainer.
+
+``lit-dar pretrain --config recipe.yaml`` reads the keys of LitGPT's ``config_hub`` recipes plus a ``dar:``
+block (``null`` trains the unpatched baseline) and a ``strategy``. With no arguments it trains the tiny
+offline default of ``recipes/pretrain/tiny.yaml`` (its values are this file's defaults).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from litgpt import Config
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import DataModule
+
+from lit_dar.config import DARConfig
+from lit_dar.data import StdlibCorpus
+from lit_dar.training import StrategyName, UsageError
+
+TINY_MODEL = Config(
+    name="lit-dar-tiny",
+    block_size=128,
+    vocab_size=4096,
+    padded_vocab_size=4096,
+    n_layer=6,
+    n_head=4,
+    n_query_groups=2,
+    n_embd=128,
+    head_size=32,
+    rotary_percentage=1.0,
+    parallel_residual=False,
+    bias=False,
+    norm_class_name="RMSNorm",
+    mlp_class_name="LLaMAMLP",
+    intermediate_size=384,
+)
+
+
+@dataclass
+class RoutingArgs:
+    """How the routing parameters train and are monitored (``DeltaAttnResCallback``'s options)."""
+
+    lr: float | None = None
+    """Peak LR of the routing parameters; None: the base optimizer's LR (the paper fine-tunes at 5e-3)."""
+    weight_decay: float = 0.0
+    """Weight decay of the routing parameters."""
+    freeze_base: bool = False
+    """Train the routing parameters only."""
+    log_interval: int | None = None
+    """Log routing statistics every this many steps (None: every train.log_interval steps)."""
+    image_interval: int = 100
+    """Log the routing heatmap every this many steps (0: never)."""
+    collapse_threshold: float = 0.02
+    """Flag collapse when the mean max weight stays this close (as a fraction of the way to one-hot) to uniform."""
+
+
+# --------------------------------------------------------------------------------------------------
+# pretrain / finetune
+# --------------------------------------------------------------------------------------------------
+
+
+def pretrain(
+    model_name: str | None = None,
+    model_config: Config | None = None,
+    out_dir: Path = Path("out/lit-dar/tiny"),
+    precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
+    initial_checkpoint_dir: Path | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    data: DataModule | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=100, log_interval=10, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=30,
+        max_steps=300, max_seq_length=128, max_norm=1.0, min_lr=3e-4,
+    ),
+    eval: EvalArgs = EvalArgs(interval=100, max_iters=20, final_validation=True),
+    optimizer: str | dict = "AdamW",
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    tokenizer_dir: Path | None = None,
+    logger_name: Literal["tensorboard", "csv"] = "tensorboard",
+    seed: int = 42,
+    dar: DARConfig | None = DARConfig(mode="delta_block", num_blocks=3),
+    routing: RoutingArgs = RoutingArgs(),
+    strategy: StrategyName = "auto",
+    activation_checkpointing: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Pretrain a (Delta Attention Residuals) LitGPT model from scratch.
+
+    Arguments:
+        model_name: A name from ``litgpt.config`` (e.g. ``Qwen3-0.6B``). Mutually exclusive with ``model_config``.
+        model_config: A ``litgpt.Config`` defining the architecture; overrides ``model_name``.
+        out_dir: Where checkpoints, logs, the final model and the routing heatmap go.
+        precision: Lightning precision; default ``bf16-mixed`` on GPUs that support it, else ``32-true``.
+        initial_checkpoint_dir: A LitGPT checkpoint dir to start from (continued pretraining).
+        resume: ``auto`` continues from ``out_dir/checkpoints/last.ckpt`` if present; ``true`` requires it;
+            or a checkpoint path.
+        data: A ``litgpt.data`` data module or ``lit_dar.data.StdlibCorpus`` (the default, offline).
+        train: LitGPT's training arguments.
+        eval: LitGPT's evaluation arguments.
+        optimizer: ``AdamW`` or ``{"class_path": "torch.optim.AdamW", "init_args": {...}}`` (lr, weight_decay, betas).
+        devices: Devices per node (GPUs, or CPU processes).
+        num_nodes: Number of nodes.
+        tokenizer_dir: Tokenizer files; default: a BPE tokenizer trained on the offline corpus.
+        logger_name: ``tensorboard`` or ``csv``.
+        seed: Random seed (weights and data order).
+        dar: The Delta Attention Residuals config; ``null`` trains the unpatched baseline.
+        routing: Routing LR, weight decay, monitoring.
+        strategy: ``auto``, ``ddp``, ``fsdp`` (FSDP1, GPUs) or ``fsdp2`` (``ModelParallelStrategy``).
+        activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
+        overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
+    """
+    from lit_dar.run import RunSpec, fit
+
+    config = _model_config(model_name, model_config)
+    spec = RunSpec(
+        config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=initial_checkpoint_dir,
+        resume=resume, data=StdlibCorpus() if data is None else data, train=train, eval=eval, optimizer=optimizer,
+        devices=devices, num_nodes=num_nodes, tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
+        dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
+        overwrite=overwrite, init_weights=True,
+    )
+    return fit(spec)
+
+
+def finetune(
+    checkpoint_dir: Path,
+    out_dir: Path = Path("out/lit-dar/finetune"),
+    precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
+    resume: bool | Literal["auto"] | Path = False,
+    data: DataModule | None = None,
+    train: TrainArgs = TrainArgs(
+        save_interval=100, log_interval=10, global_batch_size=16, micro_batch_size=4, lr_warmup_steps=10,
+        max_steps=100, max_seq_length=256, max_norm=1.0, min_lr=5e-6,
+    ),
+    eval: EvalArgs = EvalArgs(interval=50, max_iters=20, final_validation=True),
+    optimizer: str | dict = {"class_path": "torch.optim.AdamW", "init_args": {"lr": 5e-5, "weight_decay": 0.0}},
+    devices: int | str = 1,
+    num_nodes: int = 1,
+    logger_name: Literal["tensorboard", "csv"] = "tensorboard",
+    seed: int = 42,
+    dar: DARConfig | None = DARConfig(mode="delta_block", num_blocks=4, gate="scalar"),
+    routing: RoutingArgs = RoutingArgs(lr=5e-3),
+    strategy: StrategyName = "auto",
+    activation_checkpointing: bool = False,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Fully fine-tune an existing LitGPT checkpoint converted to DAR with a zero gate (identity at init).
+
+    Arguments:
+        checkpoint_dir: A LitGPT checkpoint dir (``lit_model.pth``, ``model_config.yaml``, tokenizer files).
+        out_dir: Where checkpoints, logs and the final model go.
+        precision: Lightning precision (the Qwen3 recipes use ``bf16-true``).
+        resume: ``auto``, ``true`` or a checkpoint path (see ``pretrain``).
+        data: A data module; default: the offline corpus tokenized with the checkpoint's tokenizer.
+        train: LitGPT's training arguments.
+        eval: LitGPT's evaluation arguments.
+        optimizer: The base model's optimizer (the paper: AdamW at 5e-5).
+        devices: Devices per node.
+        num_nodes: Number of nodes.
+        logger_name: ``tensorboard`` or ``csv``.
+        seed: Random seed.
+        dar: The routing to add; use ``gate: scalar`` so training starts from the pretrained model exactly.
+        routing: Routing LR (the paper: 5e-3), weight decay, ``freeze_base``, monitoring.
+        strategy: ``auto``, ``ddp``, ``fsdp`` or ``fsdp2``.
+        activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
+        overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
+    """
+    from lit_dar.run import RunSpec, fit
+
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    spec = RunSpec(
+        config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=checkpoint_dir,
+        resume=resume, data=StdlibCorpus() if data is None else data, train=train, eval=eval, optimizer=optimizer,
+        devices=devices, num_nodes=num_nodes, tokenizer_dir=checkpoint_dir, logger_name=logger_name, seed=seed,
+        dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
+        overwrite=overwrite, init_weights=False,
+    )
+    return fit(spec)
+
+
+def _model_config(model_name: str | None, model_config: Config | None) -> Config:
+    if model_config is not None:
+        return model_config
+    if model_name is None:
+        return TINY_MODEL
+    try:
+        return Config.from_name(model_name)
+    except ValueError:
+        raise UsageError(f"model_name={model_name!r} is not a LitGPT model: see `litgpt download list`.") from None
+
+
+def _checkpoint_dir(checkpoint_dir: Path) -> Path:
+    checkpoint_dir = Path(checkpoint_dir)
+    if not checkpoint_dir.is_dir():
+        raise UsageError(f"checkpoint_dir {str(checkpoint_dir)!r} does not exist: convert one with `lit-dar convert hf`.")
+    for name in ("lit_model.pth", "model_config.yaml"):
+        if not (checkpoint_dir / name).is_file():
+            raise UsageError(
+                f"checkpoint_dir {str(checkpoint_dir)!r} has no {name}: is it a LitGPT checkpoint? "
+                "Convert an HF model with `lit-dar convert hf`."
+            )
+    return checkpoint_dir
+
+
+# --------------------------------------------------------------------------------------------------
+# convert / generate / routing
+# --------------------------------------------------------------------------------------------------
+
+
+def convert_dar(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dar: DARConfig = DARConfig(mode="delta_block", num_blocks=4, gate="scalar"),
+    overwrite: bool = False,
+) -> Path:
+    """Convert a LitGPT checkpoint dir to a lit-dar one (routing at its init; with ``gate: scalar`` the
+    converted model computes exactly what the original computes).
+
+    Arguments:
+        checkpoint_dir: The LitGPT checkpoint dir.
+        out_dir: Where to write the DAR checkpoint (tokenizer and config files are copied).
+        dar: The routing to add.
+        overwrite: Allow writing into a non-empty ``out_dir``.
+    """
+    import warnings
+
+    from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
+
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UsageError(f"out_dir {str(out_dir)!r} is not empty: pass --overwrite true or choose another --out_dir.")
+    config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    model = build_model(config, dar, device="meta").to_empty(device="cpu")
+    model.reset_parameters()
+    model.dar.reset_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the routing keys are expected to be missing here
+        missing = load_checkpoint(model, checkpoint_dir)
+    save_checkpoint(model, out_dir)
+    for item in checkpoint_dir.iterdir():  # tokenizer, generation config, …
+        if item.is_file() and item.name not in ("lit_model.pth", "model_config.yaml") and not (out_dir / item.name).exists():
+            shutil.copy2(item, out_dir / item.name)
+    print(f"Wrote {out_dir} ({dar.mode}, {len(missing)} routing tensors initialised for identity).")
+    return out_dir
+
+
+def generate(
+    checkpoint_dir: Path,
+    prompt: str = "def fibonacci(n):",
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    seed: int = 42,
+) -> str:
+    """Sample from a lit-dar (or plain LitGPT) checkpoint with the KV cache.
+
+    Arguments:
+        checkpoint_dir: A checkpoint dir with ``lit_model.pth``, ``model_config.yaml``, tokenizer files.
+        prompt: The prompt.
+        max_new_tokens: How many tokens to sample.
+        temperature: Sampling temperature (0: greedy).
+        top_k: Sample among the k most likely tokens.
+        seed: Random seed.
+    """
+    from litgpt import Tokenizer
+    from litgpt.generate.base import generate as litgpt_generate
+
+    from lit_dar.patch import load_model
+
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    torch.manual_seed(seed)
+    tokenizer = _tokenizer(checkpoint_dir)
+    model = load_model(checkpoint_dir).eval()
+    encoded = tokenizer.encode(prompt)
+    total = min(len(encoded) + max_new_tokens, model.max_seq_length)
+    model.set_kv_cache(batch_size=1)
+    out = litgpt_generate(model, encoded, max_returned_tokens=total, temperature=temperature, top_k=top_k,
+                          eos_id=tokenizer.eos_id)
+    text = tokenizer.decode(out)
+    print(text)
+    return text
+
+
+def routing(checkpoint_dir: Path, text: str | None = None, out: Path | None = None) -> list[dict[str, float]]:
+    """Write the routing heatmap PNG of a checkpoint on a text and print the per-sublayer table.
+
+    Arguments:
+        checkpoint_dir: A lit-dar checkpoint dir.
+        text: The text to route; default: a paragraph of the offline corpus.
+        out: The PNG path; default ``checkpoint_dir/routing.png``.
+    """
+    from lit_dar.patch import get_dar_config, load_model
+
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    model = load_model(checkpoint_dir).eval()
+    if get_dar_config(model) is None:
+        raise UsageError(f"{str(checkpoint_dir)!r} is a plain LitGPT checkpoint (no dar_config.yaml): nothing routes.")
+    tokenizer = _tokenizer(checkpoint_dir)
+    if text is None:
+        from lit_dar.data import load_corpus
+
+        text = load_corpus(max_bytes=200_000)[0].text
+    idx = tokenizer.encode(text)[: model.max_seq_length].unsqueeze(0)
+    out = Path(out) if out is not None else checkpoint_dir / "routing.png"
+    rows = routing_report(model, idx, out, title=f"{checkpoint_dir.name}: {get_dar_config(model).mode}")
+    print(f"Routing heatmap: {out}")
+    return rows
+
+
+def routing_report(model: torch.nn.Module, idx: torch.Tensor, png: Path, title: str = "") -> list[dict[str, float]]:
+    """Run ``idx`` through ``model`` with statistics on, save the heatmap, print and return the table."""
+    from lit_dar.patch import enable_routing_stats, find_router, routing_statistics
+    from lit_dar.plotting import routing_heatmap, routing_matrix
+
+    enable_routing_stats(model)
+    with torch.no_grad():
+        model(idx)
+    stats = routing_statistics(model)
+    enable_routing_stats(model, False)
+    null = find_router(model).null is not None
+    fig = routing_heatmap(routing_matrix(stats), null_source=null, title=title)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    rows = []
+    print("sublayer  sources  max weight  uniform  entropy/log n")
+    for j, s in enumerate(stats):
+        n = int(s["n_sources"])
+        row = {
+            "sublayer": j, "sources": n, "max_weight": s["max_weight"].item(),
+            "uniform_max_weight": s["uniform_max_weight"].item(),
+            "normalized_entropy": s["entropy"].item() / math.log(n) if n > 1 else 0.0,
+        }
+        rows.append(row)
+        print(f"{j:8d}  {n:7d}  {row['max_weight']:10.3f}  {row['uniform_max_weight']:7.3f}  {row['normalized_entropy']:13.3f}")
+    return rows
+
+
+def _tokenizer(checkpoint_dir: Path) -> Any:
+    from litgpt import Tokenizer
+
+    if not ((checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "tokenizer.model").is_file()):
+        raise UsageError(f"{str(checkpoint_dir)!r} has no tokenizer.json or tokenizer.model: copy the tokenizer files there.")
+    return Tokenizer(checkpoint_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def commands() -> dict[str, Any]:
+    from lit_dar.convert import convert_hf
+
+    return {
+        "pretrain": pretrain,
+        "finetune": finetune,
+        "convert": {"hf": convert_hf, "dar": convert_dar},
+        "generate": generate,
+        "routing": routing,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lit-dar``: bad input ends with one line that names the fix, and exit code 2."""
+    from jsonargparse import CLI, set_docstring_parse_options
+
+    set_docstring_parse_options(attribute_docstrings=True)
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        CLI(commands(), args=argv, as_positional=False)
+    except (UsageError, FileNotFoundError) as err:
+        print(f"lit-dar: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

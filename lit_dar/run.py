@@ -1,0 +1,254 @@
+"""One training run from a recipe: the Trainer, the module, the DAR callback, data, checkpoints, outputs.
+
+``lit_dar.cli`` turns a recipe into a :class:`RunSpec`; :func:`fit` runs it. Kept apart from the CLI so the
+study and tests can run recipes in-process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from litgpt import Config
+from litgpt.args import EvalArgs, TrainArgs
+from litgpt.data import DataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from lit_dar.config import DARConfig
+from lit_dar.training import (
+    EvenShards,
+    UsageError,
+    accelerator_devices,
+    build_strategy,
+    check_out_dir,
+    find_resume_checkpoint,
+    resolve_devices,
+    resumable_loader,
+)
+
+
+@dataclass
+class RunSpec:
+    config: Config
+    out_dir: Path
+    precision: str | None
+    initial_checkpoint_dir: Path | None
+    resume: Any
+    data: DataModule
+    train: TrainArgs
+    eval: EvalArgs
+    optimizer: str | dict
+    devices: int | str
+    num_nodes: int
+    tokenizer_dir: Path | None
+    logger_name: str
+    seed: int
+    dar: DARConfig | None
+    routing: Any
+    strategy: str
+    activation_checkpointing: bool
+    overwrite: bool
+    init_weights: bool
+    enable_progress_bar: bool = True
+
+
+class ResumableData(L.LightningDataModule):
+    """A LitGPT data module whose training order is a function of (seed, step, rank), so resuming is exact.
+
+    Map-style datasets get a :class:`~lit_dar.training.StepSampler` that starts at the restored
+    ``global_step``; validation is split into equal shards per rank. Streaming (iterable) datasets keep
+    their own loaders.
+    """
+
+    def __init__(self, data: DataModule, seed: int, accumulate: int) -> None:
+        super().__init__()
+        self.data, self.seed, self.accumulate = data, seed, accumulate
+
+    def prepare_data(self) -> None:
+        self.data.prepare_data()
+
+    def setup(self, stage: str) -> None:
+        self.data.setup(stage)
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self.data.train_dataloader()
+        if isinstance(loader.dataset, IterableDataset):
+            return loader
+        t = self.trainer
+        return resumable_loader(loader.dataset, loader.batch_size, self.seed, t.global_rank, t.world_size,
+                                t.global_step, self.accumulate, loader.num_workers, loader.collate_fn)
+
+    def val_dataloader(self) -> DataLoader:
+        loader = self.data.val_dataloader()
+        if isinstance(loader.dataset, IterableDataset):
+            return loader
+        sampler = EvenShards(len(loader.dataset), self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                          num_workers=loader.num_workers)
+
+
+def _optimizer_args(optimizer: str | dict) -> dict[str, Any]:
+    defaults = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
+    if isinstance(optimizer, str):
+        if optimizer != "AdamW":
+            raise UsageError(f"optimizer={optimizer!r}: lit-dar trains with AdamW (set its init_args in the recipe).")
+        return defaults
+    class_path = optimizer.get("class_path", "torch.optim.AdamW")
+    if class_path not in ("AdamW", "torch.optim.AdamW"):
+        raise UsageError(f"optimizer class_path={class_path!r}: lit-dar trains with torch.optim.AdamW.")
+    args = dict(optimizer.get("init_args", {}))
+    unknown = set(args) - set(defaults)
+    if unknown:
+        raise UsageError(f"optimizer init_args {sorted(unknown)} are not supported: use {sorted(defaults)}.")
+    return {**defaults, **{k: tuple(v) if k == "betas" else v for k, v in args.items()}}
+
+
+def _is_rank_zero_launch() -> bool:
+    """False in the processes Lightning's launcher starts for ranks > 0 (they re-run the command)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def _tokenizer(spec: RunSpec) -> Any:
+    from litgpt import Tokenizer
+
+    from lit_dar.data import StdlibCorpus, ensure_tokenizer
+
+    if spec.tokenizer_dir is not None:
+        path = Path(spec.tokenizer_dir)
+        if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
+            raise UsageError(f"tokenizer_dir {str(path)!r} has no tokenizer.json or tokenizer.model: point it at a "
+                             "checkpoint dir with tokenizer files, or leave it unset to train one on the corpus.")
+        return Tokenizer(path)
+    if isinstance(spec.data, StdlibCorpus):
+        vocab = spec.config.vocab_size
+        return ensure_tokenizer(spec.data.cache_dir / f"tokenizer-{vocab}", vocab_size=vocab,
+                                max_bytes=spec.data.max_bytes, val_fraction=spec.data.val_fraction, root=spec.data.root)
+    return None
+
+
+def fit(spec: RunSpec) -> dict[str, Any]:
+    """Train, validate, save ``out_dir/final`` (a lit-dar checkpoint dir) and the routing heatmap; print where."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from lit_dar.callback import DeltaAttnResCallback
+    from lit_dar.module import LitGPTModule, convert_lightning_checkpoint, throughput_monitor
+
+    started = time.perf_counter()
+    train, ev = spec.train, spec.eval
+    devices = resolve_devices(spec.devices, spec.num_nodes)
+    world = devices * spec.num_nodes
+    strategy = build_strategy(spec.strategy, devices, spec.num_nodes, spec.activation_checkpointing)
+    resume_path = find_resume_checkpoint(spec.out_dir, spec.resume)
+    if spec.routing.freeze_base and spec.dar is None:
+        raise UsageError("routing.freeze_base needs routing: set a dar: config (it is null, the plain baseline).")
+    if _is_rank_zero_launch():
+        check_out_dir(spec.out_dir, resume=spec.resume not in (False, None), overwrite=spec.overwrite)
+
+    max_seq_length = train.max_seq_length or spec.config.block_size
+    if max_seq_length > spec.config.block_size:
+        raise UsageError(f"train.max_seq_length={max_seq_length} exceeds the model's block_size={spec.config.block_size}.")
+    tokenizer = _tokenizer(spec)
+    if tokenizer is not None and tokenizer.vocab_size > spec.config.padded_vocab_size:
+        raise UsageError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                         f"{spec.config.padded_vocab_size}: set model_config.vocab_size/padded_vocab_size to match.")
+    accumulate = train.gradient_accumulation_iters(world, 1)
+    spec.data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=max_seq_length)
+    if train.max_steps is not None:
+        max_steps = train.max_steps
+    elif train.max_tokens is not None:
+        max_steps = max(1, train.max_tokens // (train.global_batch_size * max_seq_length))
+    else:
+        raise UsageError("Set train.max_steps or train.max_tokens: lit-dar pretraining streams endlessly.")
+
+    opt = _optimizer_args(spec.optimizer)
+    L.seed_everything(spec.seed, verbose=False)
+    module = LitGPTModule(
+        spec.config, learning_rate=opt["lr"], weight_decay=opt["weight_decay"], betas=opt["betas"],
+        warmup_steps=min(train.lr_warmup_steps or 0, max_steps - 1), max_steps=max_steps, min_lr=min(train.min_lr, opt["lr"]),
+        initial_checkpoint_dir=None if spec.initial_checkpoint_dir is None else str(spec.initial_checkpoint_dir),
+        max_seq_length=max_seq_length, init_weights=spec.init_weights,
+    )
+    callbacks: list[Any] = [
+        ModelCheckpoint(dirpath=spec.out_dir / "checkpoints", every_n_train_steps=train.save_interval or max_steps,
+                        save_last=True, save_top_k=0),
+        LearningRateMonitor(logging_interval="step"),
+        throughput_monitor(window_size=max(2, min(50, train.log_interval * 2))),
+    ]
+    if spec.dar is not None:
+        r = spec.routing
+        callbacks.append(DeltaAttnResCallback(
+            spec.dar, routing_lr=r.lr or opt["lr"], routing_weight_decay=r.weight_decay, freeze_base=r.freeze_base,
+            log_interval=r.log_interval, image_interval=r.image_interval, collapse_threshold=r.collapse_threshold,
+        ))
+    logger_cls = TensorBoardLogger if spec.logger_name == "tensorboard" else CSVLogger
+    logger = logger_cls(save_dir=str(spec.out_dir), name="logs", version="")
+    accelerator, _ = accelerator_devices()
+    precision = spec.precision or ("bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true")
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, num_nodes=spec.num_nodes, strategy=strategy, precision=precision,
+        max_steps=max_steps, accumulate_grad_batches=accumulate, gradient_clip_val=train.max_norm,
+        val_check_interval=ev.interval * accumulate, check_val_every_n_epoch=None, limit_val_batches=ev.max_iters,
+        num_sanity_val_steps=0, logger=logger, callbacks=callbacks, log_every_n_steps=train.log_interval,
+        use_distributed_sampler=False, default_root_dir=str(spec.out_dir), enable_model_summary=False,
+        enable_progress_bar=spec.enable_progress_bar,
+    )
+    data = ResumableData(spec.data, spec.seed, accumulate)
+    trainer.fit(module, datamodule=data, ckpt_path=None if resume_path is None else str(resume_path))
+    if ev.final_validation:
+        trainer.validate(module, datamodule=data, verbose=False)
+    final_ckpt = spec.out_dir / "checkpoints" / "final.ckpt"
+    trainer.save_checkpoint(final_ckpt)
+    trainer.strategy.barrier()
+
+    result: dict[str, Any] = {"out_dir": spec.out_dir, "steps": trainer.global_step}
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    result.update(val_loss=metrics.get("val_loss"), val_ppl=metrics.get("val_ppl"), train_loss=metrics.get("train_loss"))
+    if trainer.is_global_zero:
+        final = spec.out_dir / "final"
+        convert_lightning_checkpoint(final_ckpt, final)
+        if tokenizer is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
+                src = Path(tokenizer.model_path if Path(tokenizer.model_path).is_dir() else Path(tokenizer.model_path).parent) / name
+                if src.is_file():
+                    shutil.copy2(src, final / name)
+        result["final"] = final
+        if spec.dar is not None:
+            result["routing_png"] = _routing_png(final, spec)
+        result["seconds"] = time.perf_counter() - started
+        _print_summary(result, spec)
+    return result
+
+
+def _routing_png(final: Path, spec: RunSpec) -> Path:
+    from lit_dar.cli import routing_report
+    from lit_dar.patch import load_model
+
+    model = load_model(final).eval()
+    batch = next(iter(spec.data.val_dataloader()))
+    idx = (batch["input_ids"] if isinstance(batch, dict) else batch)[:1, :-1]
+    png = spec.out_dir / "routing.png"
+    routing_report(model, idx, png, title=f"{spec.dar.mode} routing after {spec.train.max_steps} steps")
+    return png
+
+
+def _print_summary(result: dict[str, Any], spec: RunSpec) -> None:
+    ppl = result.get("val_ppl")
+    lines = [
+        "",
+        f"Done in {result['seconds']:.0f} s, {result['steps']} steps ({spec.dar.mode if spec.dar else 'baseline, no routing'}).",
+        f"Validation perplexity: {ppl:.2f}" if ppl is not None and math.isfinite(ppl) else "Validation perplexity: n/a",
+        f"Final model (lit-dar checkpoint dir): {result['final']}",
+        f"Lightning checkpoints: {spec.out_dir / 'checkpoints'}",
+        f"TensorBoard logs: tensorboard --logdir {spec.out_dir / 'logs'}",
+    ]
+    if "routing_png" in result:
+        lines.append(f"Routing heatmap: {result['routing_png']}")
+    print("\n".join(lines))
