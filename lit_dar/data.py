@@ -13,14 +13,15 @@ import json
 import os
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from torch.utils.data import DataLoader, Dataset
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 DEFAULT_MAX_BYTES = 4_000_000
 """About 1M tokens with an 8k vocab: tokenizer training and tokenizing take ~1 s each on 2 cores."""
@@ -249,6 +250,59 @@ class TokenWindows(Dataset):
         return self.tokens[start : start + self.block_size].to(torch.int64)
 
 
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffles with ``seed + epoch``, shards across ranks, drops the uneven tail; resumable mid-epoch.
+
+    Being a ``DistributedSampler`` keeps Fabric and Lightning from swapping in their own sampler
+    (which would lose the seed and the resume position). The epoch advances when the loader
+    finishes a pass (`ResumableDataLoader`); outside ``set_epoch`` calls are ignored, because
+    Fabric passes its count of ``iter()`` calls, which restarts from 0 after a resume.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        initialized = dist.is_available() and dist.is_initialized()
+        world_size, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """The training loader: its position is checkpointable through ``state_dict``/``load_state_dict``.
+
+    LitGPT's pretraining loop puts the train loader in the state it saves. A plain ``DataLoader``
+    would be pickled whole (token tensor included, and unloadable without this package); this
+    one saves ``{"epoch", "batches"}`` and, when loaded, continues with the next unseen batch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
+        sampler = EpochShuffleSampler(dataset, seed)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)
+        self.batches_done = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for batch in super().__iter__():
+            self.batches_done += 1
+            yield batch
+        self.sampler.epoch += 1
+        self.batches_done = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.epoch = int(state["epoch"])
+        self.batches_done = int(state["batches"])
+        self.sampler.skip = self.batches_done * self.batch_size
+
+
 @dataclass
 class StdlibCorpus(DataModule):
     """Pretraining data from the Python standard library's sources; works fully offline.
@@ -257,8 +311,9 @@ class StdlibCorpus(DataModule):
     is a ``(batch_size, max_seq_length + 1)`` int64 tensor of consecutive tokens, and the
     training loop takes ``batch[:, :-1]`` as input and ``batch[:, 1:]`` as targets. Documents
     are concatenated (each starting with bos) and cut into non-overlapping windows. The train
-    loader shuffles with ``seed`` and drops the last partial batch; the validation loader
-    keeps a fixed order and every window.
+    loader (`ResumableDataLoader`) reshuffles each epoch from ``seed``, shards windows across
+    distributed ranks, drops the last partial batch and checkpoints its position; the
+    validation loader keeps a fixed order and every window.
     """
 
     cache_dir: Path = Path("data/stdlib")
@@ -322,17 +377,10 @@ class StdlibCorpus(DataModule):
             )
         self.train_dataset, self.val_dataset = datasets["train"], datasets["val"]
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
         if self.train_dataset is None:
             self.setup()
-        return DataLoader(
-            self.train_dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            drop_last=True,
-            num_workers=self.num_workers,
-        )
+        return ResumableDataLoader(self.train_dataset, self.batch_size, self.seed, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:

@@ -128,6 +128,39 @@ def test_datamodule_batches(tokenizer_dir, tmp_path):
     assert not torch.equal(next(iter(other.train_dataloader())), train[0])
 
 
+def test_train_loader_reshuffles_and_resumes(tokenizer_dir, tmp_path):
+    data = _module(tokenizer_dir, tmp_path, batch_size=8, max_seq_length=64)
+    loader = data.train_dataloader()
+    epoch0 = list(loader)
+    epoch1 = list(loader)
+    assert len(epoch0) == len(epoch1) == len(loader) and not torch.equal(epoch0[0], epoch1[0])
+    assert loader.state_dict() == {"epoch": 2, "batches": 0}
+
+    # stop mid-epoch, save, and resume in a fresh module: the rest of the sequence is unchanged
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    seen = [next(iterator) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(seen, epoch0))
+    state = loader.state_dict()
+    assert state == {"epoch": 0, "batches": 3}
+    resumed = _module(tokenizer_dir, tmp_path, batch_size=8, max_seq_length=64).train_dataloader()
+    resumed.load_state_dict(state)
+    rest = list(resumed) + list(resumed)
+    expected = epoch0[3:] + epoch1
+    assert len(rest) == len(expected) and all(torch.equal(a, b) for a, b in zip(rest, expected))
+
+    # Fabric checkpoints hold only the loader's position, not a pickled loader and dataset
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup_dataloaders(data.train_dataloader())
+    next(iter(wrapped))
+    fabric.save(tmp_path / "ckpt.pth", {"train_dataloader": wrapped})
+    saved = torch.load(tmp_path / "ckpt.pth", weights_only=True)
+    assert saved["train_dataloader"] == {"epoch": 0, "batches": 1}
+    assert (tmp_path / "ckpt.pth").stat().st_size < 10_000
+
+
 def test_cache_is_reused(tokenizer_dir, tmp_path):
     _module(tokenizer_dir, tmp_path)
     files = sorted(tmp_path.glob("*.pt"))
