@@ -47,7 +47,7 @@ def hf_dir(tmp_path_factory) -> Path:
         head_dim=lit.head_size,
         max_position_embeddings=lit.block_size,
         rms_norm_eps=lit.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": float(lit.rope_base)},
+        rope_theta=float(lit.rope_base),  # legacy kwargs: transformers 5 still maps them to rope_parameters
         tie_word_embeddings=True,  # as Qwen3-0.6B
     )
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_convert_named_config_from_dir_name(tmp_path):
         intermediate_size=lit.intermediate_size,
         max_position_embeddings=lit.block_size,
         rotary_pct=lit.rotary_percentage,
-        rope_parameters={"rope_type": "default", "rope_theta": float(lit.rope_base), "partial_rotary_factor": lit.rotary_percentage},
+        rotary_emb_base=lit.rope_base,
         layer_norm_eps=lit.norm_eps,
         use_parallel_residual=lit.parallel_residual,
         tie_word_embeddings=False,
