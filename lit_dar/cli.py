@@ -210,46 +210,8 @@ def _checkpoint_dir(checkpoint_dir: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------
-# convert / generate / routing
+# generate / routing
 # --------------------------------------------------------------------------------------------------
-
-
-def convert_dar(
-    checkpoint_dir: Path,
-    out_dir: Path,
-    dar: DARConfig = DARConfig(mode="delta_block", num_blocks=4, gate="scalar"),
-    overwrite: bool = False,
-) -> Path:
-    """Convert a LitGPT checkpoint dir to a lit-dar one (routing at its init; with ``gate: scalar`` the
-    converted model computes exactly what the original computes).
-
-    Arguments:
-        checkpoint_dir: The LitGPT checkpoint dir.
-        out_dir: Where to write the DAR checkpoint (tokenizer and config files are copied).
-        dar: The routing to add.
-        overwrite: Allow writing into a non-empty ``out_dir``.
-    """
-    import warnings
-
-    from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
-
-    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UsageError(f"out_dir {str(out_dir)!r} is not empty: pass --overwrite true or choose another --out_dir.")
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    model = build_model(config, dar, device="meta").to_empty(device="cpu")
-    model.reset_parameters()
-    model.dar.reset_parameters()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the routing keys are expected to be missing here
-        missing = load_checkpoint(model, checkpoint_dir)
-    save_checkpoint(model, out_dir)
-    for item in checkpoint_dir.iterdir():  # tokenizer, generation config, …
-        if item.is_file() and item.name not in ("lit_model.pth", "model_config.yaml") and not (out_dir / item.name).exists():
-            shutil.copy2(item, out_dir / item.name)
-    print(f"Wrote {out_dir} ({dar.mode}, {len(missing)} routing tensors initialised for identity).")
-    return out_dir
 
 
 def generate(
@@ -357,12 +319,12 @@ def _tokenizer(checkpoint_dir: Path) -> Any:
 
 
 def commands() -> dict[str, Any]:
-    from lit_dar.convert import convert_hf
+    from lit_dar.convert import convert_hf, convert_to_dar
 
     return {
         "pretrain": pretrain,
         "finetune": finetune,
-        "convert": {"hf": convert_hf, "dar": convert_dar},
+        "convert": {"hf": convert_hf, "dar": convert_to_dar},
         "generate": generate,
         "routing": routing,
     }

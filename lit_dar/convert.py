@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 from litgpt.config import Config
+
+from lit_dar.config import DARConfig
 
 # Files LitGPT's `copy_config_files` carries into a checkpoint dir (model_config.yaml is written here).
 _CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -189,7 +192,47 @@ def convert_hf(
 
 
 # -----------------------------------------------------------------------------------------
-# DAR conversion: `convert_to_dar(...)` (LitGPT checkpoint -> DAR checkpoint) goes here.
-# Owned by the core model engineer (lit_dar/routing.py, lit_dar/patch.py); intentionally
-# left empty in this module so the two pieces merge without conflicts.
+# LitGPT checkpoint -> lit-dar checkpoint
 # -----------------------------------------------------------------------------------------
+
+
+def convert_to_dar(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    dar: DARConfig = DARConfig(mode="delta_block", num_blocks=4, gate="scalar"),
+    overwrite: bool = False,
+) -> Path:
+    """Convert a LitGPT checkpoint dir to a lit-dar one: the same weights plus routing at its init.
+
+    With ``gate: scalar`` the converted model computes exactly what the original computes, so it can be
+    fine-tuned from there. Tokenizer and other files are copied; the source dir is not modified.
+
+    Arguments:
+        checkpoint_dir: The LitGPT checkpoint dir (``lit_model.pth``, ``model_config.yaml``, tokenizer files).
+        out_dir: Where to write the lit-dar checkpoint dir.
+        dar: The routing to add.
+        overwrite: Allow writing into a non-empty ``out_dir``.
+    """
+    from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    for name in ("lit_model.pth", "model_config.yaml"):
+        if not (checkpoint_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{str(checkpoint_dir)!r} has no {name}: pass a LitGPT checkpoint dir (convert an HF one with "
+                "`lit-dar convert hf`)."
+            )
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"out_dir {str(out_dir)!r} is not empty: pass overwrite=True or choose another out_dir.")
+    model = build_model(Config.from_file(checkpoint_dir / "model_config.yaml"), dar, device="meta").to_empty(device="cpu")
+    model.reset_parameters()
+    model.dar.reset_parameters()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the routing keys are expected to be missing from a LitGPT checkpoint
+        missing = load_checkpoint(model, checkpoint_dir)
+    save_checkpoint(model, out_dir)
+    for item in checkpoint_dir.iterdir():  # tokenizer, generation config, …
+        if item.is_file() and item.name not in ("lit_model.pth", "model_config.yaml") and not (out_dir / item.name).exists():
+            shutil.copy2(item, out_dir / item.name)
+    print(f"Wrote {out_dir}: {dar.mode}, {len(missing)} routing tensors at their init.")
+    return out_dir
