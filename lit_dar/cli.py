@@ -72,7 +72,7 @@ def pretrain(
     precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
     initial_checkpoint_dir: Path | None = None,
     resume: bool | Literal["auto"] | Path = False,
-    data: DataModule | None = None,
+    data: DataModule = StdlibCorpus(),
     train: TrainArgs = TrainArgs(
         save_interval=100, log_interval=10, global_batch_size=16, micro_batch_size=16, lr_warmup_steps=30,
         max_steps=300, max_seq_length=128, max_norm=1.0, min_lr=3e-4,
@@ -120,7 +120,7 @@ def pretrain(
     config = _model_config(model_name, model_config)
     spec = RunSpec(
         config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=initial_checkpoint_dir,
-        resume=resume, data=StdlibCorpus() if data is None else data, train=train, eval=eval, optimizer=optimizer,
+        resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
         devices=devices, num_nodes=num_nodes, tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
         dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
         overwrite=overwrite, init_weights=True,
@@ -133,7 +133,7 @@ def finetune(
     out_dir: Path = Path("out/lit-dar/finetune"),
     precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
     resume: bool | Literal["auto"] | Path = False,
-    data: DataModule | None = None,
+    data: DataModule = StdlibCorpus(),
     train: TrainArgs = TrainArgs(
         save_interval=100, log_interval=10, global_batch_size=16, micro_batch_size=4, lr_warmup_steps=10,
         max_steps=100, max_seq_length=256, max_norm=1.0, min_lr=5e-6,
@@ -177,7 +177,7 @@ def finetune(
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
     spec = RunSpec(
         config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=checkpoint_dir,
-        resume=resume, data=StdlibCorpus() if data is None else data, train=train, eval=eval, optimizer=optimizer,
+        resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
         devices=devices, num_nodes=num_nodes, tokenizer_dir=checkpoint_dir, logger_name=logger_name, seed=seed,
         dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
         overwrite=overwrite, init_weights=False,

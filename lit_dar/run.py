@@ -115,9 +115,11 @@ def _is_rank_zero_launch() -> bool:
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
 
 
-def _tokenizer(spec: RunSpec) -> Any:
-    from litgpt import Tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json")
 
+
+def _tokenizer_dir(spec: RunSpec) -> Path | None:
+    """The run's tokenizer files: ``tokenizer_dir``, or one trained on the offline corpus (once, then cached)."""
     from lit_dar.data import StdlibCorpus, ensure_tokenizer
 
     if spec.tokenizer_dir is not None:
@@ -125,11 +127,13 @@ def _tokenizer(spec: RunSpec) -> Any:
         if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
             raise UsageError(f"tokenizer_dir {str(path)!r} has no tokenizer.json or tokenizer.model: point it at a "
                              "checkpoint dir with tokenizer files, or leave it unset to train one on the corpus.")
-        return Tokenizer(path)
+        return path
     if isinstance(spec.data, StdlibCorpus):
         vocab = spec.config.vocab_size
-        return ensure_tokenizer(spec.data.cache_dir / f"tokenizer-{vocab}", vocab_size=vocab,
-                                max_bytes=spec.data.max_bytes, val_fraction=spec.data.val_fraction, root=spec.data.root)
+        path = spec.data.cache_dir / f"tokenizer-{vocab}"
+        ensure_tokenizer(path, vocab_size=vocab, max_bytes=spec.data.max_bytes, val_fraction=spec.data.val_fraction,
+                         root=spec.data.root)
+        return path
     return None
 
 
@@ -155,7 +159,10 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     max_seq_length = train.max_seq_length or spec.config.block_size
     if max_seq_length > spec.config.block_size:
         raise UsageError(f"train.max_seq_length={max_seq_length} exceeds the model's block_size={spec.config.block_size}.")
-    tokenizer = _tokenizer(spec)
+    from litgpt import Tokenizer
+
+    tokenizer_dir = _tokenizer_dir(spec)
+    tokenizer = None if tokenizer_dir is None else Tokenizer(tokenizer_dir)
     if tokenizer is not None and tokenizer.vocab_size > spec.config.padded_vocab_size:
         raise UsageError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only "
                          f"{spec.config.padded_vocab_size}: set model_config.vocab_size/padded_vocab_size to match.")
@@ -214,11 +221,9 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     if trainer.is_global_zero:
         final = spec.out_dir / "final"
         convert_lightning_checkpoint(final_ckpt, final)
-        if tokenizer is not None:
-            for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "generation_config.json"):
-                src = Path(tokenizer.model_path if Path(tokenizer.model_path).is_dir() else Path(tokenizer.model_path).parent) / name
-                if src.is_file():
-                    shutil.copy2(src, final / name)
+        for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, final / name)
         result["final"] = final
         if spec.dar is not None:
             result["routing_png"] = _routing_png(final, spec)
