@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import ARCHITECTURES, tiny_config, tiny_gpt
-from litgpt import GPT
+from litgpt import GPT, Config
 from litgpt.model import Block
 
 import lit_dar
@@ -286,6 +286,8 @@ def test_init_and_parameters() -> None:
             assert rule.value_weight.abs().sum() == 0 and torch.equal(rule.value_bias, torch.full((8,), value_bias))
         # one D-vector and one scalar per sublayer for β, and as many again for a learned value
         assert lit_dar.routing_overhead(model)["routing_params"] == 8 * 33 * (1 if value_bias is None else 2)
+    qwen3_8b = lit_dar.build_model(Config.from_name("Qwen3-8B"), DARConfig(mode="ddl"), device="meta")
+    assert lit_dar.routing_overhead(qwen3_8b)["routing_params"] == 294_984  # 2L(D+1), as docs/method.md says
 
 
 def test_routing_statistics_off_by_default_then_beta_and_residual_per_sublayer() -> None:
