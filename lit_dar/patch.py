@@ -1,7 +1,8 @@
 """Wiring Delta Attention Residuals into a LitGPT ``GPT``: the patch, filters, statistics, checkpoints.
 
-``patch_model(model, DARConfig(...))`` adds one ``dar`` module (a :class:`~lit_dar.routing.DepthRouter`)
-to an existing model and swaps the classes of the model and its blocks for thin subclasses whose
+``patch_model(model, DARConfig(...))`` adds one ``dar`` module — the residual rule: a
+:class:`~lit_dar.routing.DepthRouter`, or a :class:`~lit_dar.ddl.DeepDeltaRule` for ``mode="ddl"`` — to
+an existing model and swaps the classes of the model and its blocks for thin subclasses whose
 forward threads the routing state through the layers. The model stays a ``litgpt.GPT`` and its blocks
 stay ``litgpt.model.Block`` instances, so FSDP wrap policies, activation checkpointing, generation
 and LitGPT's utilities keep working; every block is still called as a module, so FSDP's hooks fire.
@@ -10,6 +11,7 @@ and LitGPT's utilities keep working; every block is still called as a module, so
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -22,7 +24,8 @@ from litgpt.utils import save_config
 from torch import Tensor
 
 from lit_dar.config import DARConfig
-from lit_dar.routing import DepthRouter, RoutingPlan, summarize_weights
+from lit_dar.ddl import DDL_MODE, DeepDeltaRule
+from lit_dar.routing import MODES, DepthRouter, RoutingPlan, summarize_weights
 
 DAR_PREFIX = "dar"
 CHECKPOINT_FILE = "lit_model.pth"
@@ -37,7 +40,9 @@ class DARBlockMixin:
     """A ``Block`` whose forward also accepts ``routing=(rule, state)`` and then returns ``(x, state)``.
 
     ``rule`` is the model's residual rule (``model.dar``): it decides what each sublayer reads and how the
-    stream grows; the block only supplies its two sublayers. Without ``routing`` it is LitGPT's block.
+    stream grows; the block only supplies its two sublayers, ``h → o``; called with ``with_norm=True`` they
+    return ``(o, norm(h))``, the normed input too (DDL computes β from it). Without ``routing`` it is
+    LitGPT's block.
     """
 
     def forward(
@@ -48,26 +53,29 @@ class DARBlockMixin:
         mask: Tensor | None = None,
         input_pos: Tensor | None = None,
         input_pos_maxp1: int | None = None,
-        routing: tuple[DepthRouter, Any] | None = None,
+        routing: tuple[DepthRouter | DeepDeltaRule, Any] | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         if routing is None:
             return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)  # type: ignore[misc]
         rule, state = routing
 
-        def attn(h: Tensor) -> Tensor:
-            out = self.attn(self.norm_1(h), cos, sin, mask, input_pos, input_pos_maxp1)
-            return self.post_attention_norm(out)
+        def attn(h: Tensor, with_norm: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            n = self.norm_1(h)
+            out = self.post_attention_norm(self.attn(n, cos, sin, mask, input_pos, input_pos_maxp1))
+            return (out, n) if with_norm else out
 
         mlp_norm = self.norm_1 if self.config.shared_attention_norm else self.norm_2
 
-        def mlp(h: Tensor) -> Tensor:
-            return self.post_mlp_norm(self.mlp(mlp_norm(h)))
+        def mlp(h: Tensor, with_norm: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+            n = mlp_norm(h)
+            out = self.post_mlp_norm(self.mlp(n))
+            return (out, n) if with_norm else out
 
         return rule.layer(self.dar_layer, x, state, attn, mlp)
 
 
 class DARGPTMixin:
-    """A ``GPT`` whose forward routes every sublayer's input through ``self.dar``."""
+    """A ``GPT`` whose forward runs every layer through the residual rule ``self.dar``."""
 
     def forward(
         self,
@@ -175,11 +183,44 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model, DARGPTMixin)
 
 
-def patch_model(model: GPT, config: DARConfig) -> GPT:
-    """Turn ``model`` into a Delta Attention Residuals model in place and return it.
+def _depth_router(model: GPT, config: DARConfig) -> DepthRouter:
+    plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
+    return DepthRouter(
+        plan, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source, eps=config.eps,
+        device=model.transformer.wte.weight.device,
+    )
 
-    Adds ``model.dar`` (all routing parameters, initialised for uniform routing and a closed gate) on the
-    model's device and dtype — the meta device included, where ``reset_parameters`` materialises them.
+
+def _deep_delta_rule(model: GPT, config: DARConfig) -> DeepDeltaRule:
+    return DeepDeltaRule(
+        model.config.n_layer, model.config.n_embd, model.config.parallel_residual, value=config.ddl_value,
+        value_init=config.ddl_value_init, beta_init=config.ddl_beta_init, eps=config.eps,
+        device=model.transformer.wte.weight.device,
+    )
+
+
+def _depth_weight_statistics(router: DepthRouter) -> list[dict[str, Tensor]]:
+    return [summarize_weights(alpha) for alpha in router.last_weights]
+
+
+# mode -> the residual rule `model.dar` it installs: modes are data, the patched forward has no branches
+RULES: dict[str, Callable[[GPT, DARConfig], nn.Module]] = {
+    **dict.fromkeys(MODES, _depth_router),
+    DDL_MODE: _deep_delta_rule,
+}
+# rule class -> summary of its last recorded forward, one dict per sublayer (routed point)
+RULE_STATISTICS: dict[type, Callable[[Any], list[dict[str, Tensor]]]] = {
+    DepthRouter: _depth_weight_statistics,
+    DeepDeltaRule: DeepDeltaRule.statistics,
+}
+
+
+def patch_model(model: GPT, config: DARConfig) -> GPT:
+    """Turn ``model`` into a Delta Attention Residuals (or Deep Delta Learning) model in place and return it.
+
+    Adds ``model.dar`` (all routing parameters, initialised for uniform routing and a closed gate; for
+    ``ddl``, β = ``ddl_beta_init`` and v = ``ddl_value_init``) on the model's device and dtype — the meta
+    device included, where ``reset_parameters`` materialises them.
     Raises a ``TypeError``/``ValueError`` that names the fix for: something that is not a LitGPT GPT, a
     model already patched, wrapped or sharded, and a block count the model cannot have.
     """
@@ -197,12 +238,7 @@ def patch_model(model: GPT, config: DARConfig) -> GPT:
             "patch it with another config."
         )
     _check_unwrapped(model)
-    plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
-    weight = model.transformer.wte.weight
-    router = DepthRouter(
-        plan, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source,
-        eps=config.eps, device=weight.device,
-    ).to(weight.dtype)
+    router = RULES[config.mode](model, config).to(model.transformer.wte.weight.dtype)
     router.config_dict = config.to_dict()  # travels in the state dict as `dar._extra_state`
     model.add_module(DAR_PREFIX, router)
     model.__class__ = _patched_class(type(model), DARGPTMixin)
@@ -218,9 +254,9 @@ def get_dar_config(model: nn.Module) -> DARConfig | None:
     return None if router is None else DARConfig.from_dict(router.config_dict)
 
 
-def find_router(model: nn.Module) -> DepthRouter | None:
-    """The ``DepthRouter`` inside ``model`` (also when wrapped, e.g. by a LightningModule or DDP)."""
-    return next((m for m in model.modules() if isinstance(m, DepthRouter)), None)
+def find_router(model: nn.Module) -> DepthRouter | DeepDeltaRule | None:
+    """The residual rule inside ``model`` (also when wrapped, e.g. by a LightningModule or DDP)."""
+    return next((m for m in model.modules() if isinstance(m, tuple(RULE_STATISTICS))), None)
 
 
 def build_model(config: Any, dar: DARConfig | None = None, device: torch.device | str | None = None) -> GPT:
@@ -270,15 +306,17 @@ def enable_routing_stats(model: nn.Module, enabled: bool = True) -> None:
 
 
 def routing_statistics(model: nn.Module) -> list[dict[str, Tensor]]:
-    """Per routed point of the last forward: mean weight per source, mean max weight, entropy (+ uniform refs).
+    """Per routed point (sublayer) of the last recorded forward, as the model's residual rule summarises it.
 
-    Source 0 is the null source when the config has one, then ``x0``, then the completed sources.
+    Depth routing: mean weight per source, mean max weight, entropy (+ uniform refs); source 0 is the
+    null source when the config has one, then ``x0``, then the completed sources.
+    DDL: ``beta`` (mean β) and ``residual`` (mean ``|v − kᵀs|``) of every sublayer.
     """
     router = find_router(model)
     if router is None or not router.last_weights:
         raise ValueError("No routing weights recorded: call enable_routing_stats(model) and run a forward first.")
     with torch.no_grad():
-        return [summarize_weights(alpha) for alpha in router.last_weights]
+        return RULE_STATISTICS[type(router)](router)
 
 
 # --------------------------------------------------------------------------------------------------
