@@ -32,4 +32,30 @@ __all__ = [
     "routing_state_dict",
     "routing_statistics",
     "save_checkpoint",
+    # Lightning integration (imported on first use, so `import lit_dar` stays free of Lightning)
+    "DeltaAttnResCallback",
+    "LitGPTModule",
+    "TokenNLL",
+    "convert_lightning_checkpoint",
+    "load_lightning_checkpoint",
+    "routing_heatmap",
+    "routing_param_groups",
 ]
+
+_LAZY = {
+    "DeltaAttnResCallback": "lit_dar.callback",
+    "routing_param_groups": "lit_dar.callback",
+    "LitGPTModule": "lit_dar.module",
+    "convert_lightning_checkpoint": "lit_dar.module",
+    "load_lightning_checkpoint": "lit_dar.module",
+    "TokenNLL": "lit_dar.metrics",
+    "routing_heatmap": "lit_dar.plotting",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lit_dar' has no attribute {name!r}")
