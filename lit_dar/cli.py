@@ -8,7 +8,7 @@ offline default of ``recipes/pretrain/tiny.yaml`` (its values are this file's de
 from __future__ import annotations
 
 import math
-import shutil
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +251,49 @@ def generate(
     return text
 
 
+def evaluate(
+    checkpoint_dir: Path,
+    tasks: list[str],
+    include_path: Path | None = None,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    out_file: Path | None = None,
+) -> dict[str, Any]:
+    """Run lm-eval-harness on a lit-dar (or plain LitGPT) checkpoint through a model adapter.
+
+    LitGPT's own ``evaluate`` converts to HF format, which has no place for the routing weights; this
+    adapter runs the patched model directly.
+
+    Arguments:
+        checkpoint_dir: A checkpoint dir with ``lit_model.pth``, ``model_config.yaml``, tokenizer files.
+        tasks: lm-eval task names (built-in, or defined by YAMLs under ``include_path``).
+        include_path: A dir of task YAMLs (local tasks with local data files run offline).
+        limit: Evaluate only this many (or this fraction of) examples per task.
+        num_fewshot: Few-shot examples per prompt.
+        batch_size: Batch size of the adapter.
+        out_file: Write the metrics as JSON here.
+    """
+    import json
+
+    from lit_dar.evaluate import run_lm_eval
+    from lit_dar.patch import load_model
+
+    checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    model = load_model(checkpoint_dir).eval()
+    results = run_lm_eval(
+        model, _tokenizer(checkpoint_dir), tasks, include_path=include_path, include_defaults=include_path is None,
+        limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+    )
+    metrics = results["results"]
+    for task, values in metrics.items():
+        shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in values.items() if isinstance(v, float) and "stderr" not in k)
+        print(f"{task}: {shown}")
+    if out_file is not None:
+        Path(out_file).write_text(json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
 def routing(checkpoint_dir: Path, text: str | None = None, out: Path | None = None) -> list[dict[str, float]]:
     """Write the routing heatmap PNG of a checkpoint on a text and print the per-sublayer table.
 
@@ -326,18 +369,32 @@ def commands() -> dict[str, Any]:
         "finetune": finetune,
         "convert": {"hf": convert_hf, "dar": convert_to_dar},
         "generate": generate,
+        "evaluate": evaluate,
         "routing": routing,
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``lit-dar``: bad input ends with one line that names the fix, and exit code 2."""
-    from jsonargparse import CLI, set_docstring_parse_options
+def main(argv: list[str] | None = None) -> Any:
+    """``lit-dar``: bad input ends with one line that names the fix and exit code 2, not a traceback.
+
+    ``LIT_DAR_DEBUG=1`` shows the traceback instead.
+    """
+    import os
+
+    from jsonargparse import ArgumentError, CLI, set_docstring_parse_options
 
     set_docstring_parse_options(attribute_docstrings=True)
     argv = sys.argv[1:] if argv is None else argv
     try:
-        CLI(commands(), args=argv, as_positional=False)
-    except (UsageError, FileNotFoundError) as err:
-        print(f"lit-dar: error: {err}", file=sys.stderr)
+        return CLI(commands(), args=argv, as_positional=False, exit_on_error=False)
+    except (ArgumentError, UsageError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
+        if os.environ.get("LIT_DAR_DEBUG"):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the source formatted
+        own = re.search(r"(DARConfig\.\S+=.*?)(?: Given value type:|$)", message)
+        if own:  # jsonargparse wraps our own validation message in its Union report: show just ours
+            message = own.group(1)
+        if isinstance(err, ArgumentError) and argv:
+            message += f" (see `lit-dar {argv[0]} --help` for the accepted keys and values)"
+        print(f"lit-dar: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -39,12 +39,13 @@ class DARConfig:
         ddl_beta_init: (``ddl`` only) β at init, in (0, 2); 1.0 overwrites the component along ``k``.
     """
 
-    mode: Literal["delta", "delta_block", "attnres_full", "attnres_block", "ddl"] = "delta_block"
+    # plain `str` (not Literal) so a wrong value from a recipe reaches __post_init__'s message listing the choices
+    mode: str = "delta_block"
     num_blocks: int = 4
-    gate: Literal["none", "scalar"] = "none"
+    gate: str = "none"
     null_source: bool = False
     eps: float = 1e-6
-    ddl_value: Literal["constant", "linear", "sigmoid_linear"] = "constant"
+    ddl_value: str = "constant"
     ddl_value_init: float | None = None
     ddl_beta_init: float = 1.0
 

@@ -345,6 +345,14 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -
         checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
     state_dict = checkpoint.get("model", checkpoint)
     has_routing = any(dar_filter(k) for k in state_dict)
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"Checkpoint shapes do not match the model (checkpoint vs model): {wrong[:3]}{'…' if len(wrong) > 3 else ''}. "
+            "Is it a checkpoint of another architecture? Use the model_config.yaml that was saved with it."
+        )
     result = model.load_state_dict(state_dict, strict=False)
     other_missing = [k for k in result.missing_keys if not dar_filter(k)]
     if other_missing or result.unexpected_keys:

@@ -156,9 +156,8 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     if _is_rank_zero_launch():
         check_out_dir(spec.out_dir, resume=spec.resume not in (False, None), overwrite=spec.overwrite)
 
-    max_seq_length = train.max_seq_length or spec.config.block_size
-    if max_seq_length > spec.config.block_size:
-        raise UsageError(f"train.max_seq_length={max_seq_length} exceeds the model's block_size={spec.config.block_size}.")
+    # as LitGPT does: never train on windows longer than the model's context
+    max_seq_length = min(train.max_seq_length or spec.config.block_size, spec.config.block_size)
     from litgpt import Tokenizer
 
     tokenizer_dir = _tokenizer_dir(spec)

@@ -1,0 +1,282 @@
+"""The `lit-dar` command: recipes, the embedded default, bad input, and the Qwen3 path end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser
+from litgpt import Config
+
+import lit_dar
+from lit_dar import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+FINETUNE_MODELS = {"Qwen3-0.6B": "Qwen3-0.6B", "Qwen3-8B": "Qwen3-8B"}
+
+
+def _parser(command) -> ArgumentParser:
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(command)
+    return parser
+
+
+def _run(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real console entry point in a fresh process (what a user types)."""
+    return subprocess.run([sys.executable, "-m", "lit_dar", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+# --------------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_recipe_is_checked() -> None:
+    names = {p.relative_to(ROOT / "recipes").as_posix() for p in RECIPES}
+    assert {"pretrain/tiny.yaml", "pretrain/220m.yaml", "pretrain/533m.yaml", "pretrain/1b.yaml", "pretrain/8b.yaml",
+            "pretrain/qwen3-0.6b.yaml", "finetune/qwen3-0.6b-delta-block.yaml",
+            "finetune/qwen3-8b-delta-block.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.relative_to(ROOT / "recipes").as_posix())
+def test_recipe_parses_and_builds_on_meta(path: Path) -> None:
+    command = cli.pretrain if path.parent.name == "pretrain" else cli.finetune
+    parser = _parser(command)
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(path)]))
+    if command is cli.finetune:
+        config = Config.from_name(Path(init.checkpoint_dir).name)  # the recipe's model, as `litgpt download` names it
+    else:
+        config = cli._model_config(init.model_name, init.model_config)
+    dar = init.dar
+    assert isinstance(dar, lit_dar.DARConfig)
+    model = lit_dar.build_model(config, dar, device="meta")
+    report = lit_dar.routing_overhead(model)
+    per_sublayer = 2 * config.n_embd + (1 if dar.gate == "scalar" else 0)
+    assert report["routing_params"] == 2 * config.n_layer * per_sublayer
+    assert report["percent"] < 0.35  # a fraction of a percent at every scale
+    if command is cli.finetune:
+        assert dar.gate == "scalar" and init.routing.lr == 5e-3 and init.optimizer["init_args"]["lr"] == 5e-5
+        assert init.precision == "bf16-true" and init.strategy == "fsdp"
+    if path.name != "tiny.yaml":
+        assert init.strategy == "fsdp" and init.devices >= 4
+
+
+def test_qwen3_8b_recipe_reports_the_papers_589k() -> None:
+    parser = _parser(cli.pretrain)
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(ROOT / "recipes/pretrain/8b.yaml")]))
+    model = lit_dar.build_model(init.model_config, init.dar, device="meta")
+    assert (init.model_config.n_embd, init.model_config.n_layer) == (4096, 36)
+    assert lit_dar.routing_overhead(model)["routing_params"] == 589_824
+
+
+def test_tiny_recipe_is_the_embedded_default() -> None:
+    parser = _parser(cli.pretrain)
+    defaults = parser.parse_args([])
+    recipe = parser.parse_args(["--config", str(ROOT / "recipes/pretrain/tiny.yaml")])
+    recipe_model = recipe.pop("model_config")
+    assert Config(**recipe_model.as_dict()) == cli.TINY_MODEL
+    defaults.pop("model_config")
+    recipe.pop("config")
+    defaults.pop("config")
+    assert recipe == defaults
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, exit code 2, nothing touched
+# --------------------------------------------------------------------------------------------------
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lit-dar: error: "), err
+    return err[0]
+
+
+def test_bad_input_messages(capsys, tmp_path: Path) -> None:
+    (tmp_path / "unknown.yaml").write_text("model_name: Qwen3-0.6B\ndar_mode: delta\n")
+    assert "'dar_mode'" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "unknown.yaml")])
+    (tmp_path / "malformed.yaml").write_text("train:\n  max_steps: [10\n")
+    assert "Problems parsing config" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "malformed.yaml")])
+    assert "choose one of" in _error_line(capsys, ["pretrain", "--dar.mode", "deltas"])
+    assert "Choose num_blocks from [1, 2, 3, 6]" in _error_line(
+        capsys, ["pretrain", "--dar.num_blocks", "5", "--out_dir", str(tmp_path / "nb")])
+    assert "does not exist" in _error_line(capsys, ["finetune", "--checkpoint_dir", str(tmp_path / "missing")])
+    assert "--devices" in _error_line(capsys, ["pretrain", "--devices", "64", "--out_dir", str(tmp_path / "d")])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert "not writable" in _error_line(capsys, ["pretrain", "--out_dir", str(blocker / "run")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "No corpus files" in _error_line(
+        capsys, ["pretrain", "--data.root", str(empty), "--data.cache_dir", str(tmp_path / "c"), "--out_dir", str(tmp_path / "e")])
+
+
+def test_existing_run_is_not_overwritten(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "lit_model.pth").write_bytes(b"precious")
+    line = _error_line(capsys, ["pretrain", "--out_dir", str(out)])
+    assert "--resume auto" in line and "--overwrite true" in line
+    assert (out / "lit_model.pth").read_bytes() == b"precious" and len(list(out.iterdir())) == 1
+
+
+def test_finetune_refuses_checkpoints_it_cannot_use(capsys, tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from lit_dar.patch import save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(lit_dar.build_model(tiny_config("Qwen3-0.6B")), ckpt)
+    assert "no tokenizer.json" in _error_line(capsys, ["finetune", "--checkpoint_dir", str(ckpt), "--out_dir", str(tmp_path / "o1")])
+    (ckpt / "tokenizer.json").write_text("{}")
+    torch.save(lit_dar.build_model(tiny_config("pythia-14m")).state_dict(), ckpt / "lit_model.pth")  # other architecture
+    (ckpt / "tokenizer.json").unlink()
+    other = tmp_path / "other"
+    line = _error_line(capsys, ["convert", "dar", "--checkpoint_dir", str(ckpt), "--out_dir", str(other)])
+    assert "another architecture" in line
+    assert not other.exists() or not any(other.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs
+# --------------------------------------------------------------------------------------------------
+
+TINY_RUN = ["--model_config.n_layer", "2", "--model_config.n_embd", "32", "--model_config.n_head", "2",
+            "--model_config.n_query_groups", "1", "--model_config.head_size", "16", "--model_config.intermediate_size",
+            "64", "--model_config.vocab_size", "512", "--model_config.padded_vocab_size", "512",
+            "--model_config.block_size", "32", "--train.max_seq_length", "32", "--train.micro_batch_size", "4",
+            "--data.max_bytes", "300000", "--eval.max_iters", "2"]
+
+
+def _tiny_args(tmp_path: Path, out: str, steps: int, extra: list[str] = ()) -> list[str]:
+    return ["pretrain", "--config", str(ROOT / "recipes/pretrain/tiny.yaml"), *TINY_RUN,
+            "--out_dir", str(tmp_path / out), "--data.cache_dir", str(tmp_path / "cache"),
+            "--train.max_steps", str(steps), "--train.lr_warmup_steps", "2", "--train.save_interval", "4",
+            "--eval.interval", "4", "--train.log_interval", "1", "--dar.num_blocks", "2", *extra]
+
+
+@pytest.mark.slow
+def test_tiny_pretrain_writes_checkpoint_logs_heatmap(tmp_path: Path) -> None:
+    result = cli.main(_tiny_args(tmp_path, "run", steps=8, extra=["--train.global_batch_size", "4"]))
+    run = tmp_path / "run"
+    assert result["steps"] == 8 and result["val_ppl"] > 1
+    assert {"lit_model.pth", "model_config.yaml", "dar_config.yaml", "tokenizer.json"} <= {p.name for p in (run / "final").iterdir()}
+    assert (run / "routing.png").stat().st_size > 1000
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    model = lit_dar.load_model(run / "final")
+    assert lit_dar.get_dar_config(model).mode == "delta_block"
+
+
+def _losses(run: Path) -> dict[int, float]:
+    import csv
+
+    rows = csv.DictReader((run / "logs" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_and_resume_continues_exactly(tmp_path: Path) -> None:
+    """Kill a 2-process DDP run mid-training; `--resume auto` then logs the uninterrupted run's losses."""
+    common = ["--devices", "2", "--logger_name", "csv", "--train.global_batch_size", "8", "--routing.image_interval", "0"]
+    full = _run(*_tiny_args(tmp_path, "full", steps=12, extra=common), "--eval.final_validation", "false")
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    argv = [sys.executable, "-m", "lit_dar", *_tiny_args(tmp_path, "killed", steps=12, extra=common),
+            "--eval.final_validation", "false"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and not last.exists() and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # well into the steps after the first checkpoint (step 4 of 12)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the run never reached its first checkpoint"
+    assert not (tmp_path / "killed" / "final").exists()
+
+    resumed = _run(*_tiny_args(tmp_path, "killed", steps=12, extra=common), "--eval.final_validation", "false",
+                   "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert len(full_losses) == 12 and 4 <= len(resumed_losses) <= 8  # resumed from step 4 or 8
+    for step, loss in resumed_losses.items():
+        assert loss == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_qwen3_path_end_to_end(tmp_path: Path) -> None:
+    """HF Qwen3 → LitGPT → DAR (exact) → 2-process fine-tune → perplexity, generation, lm-eval."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("lm_eval")
+    from test_convert import tiny_litgpt_config
+    from test_evaluate import _write_tasks
+
+    hf = _make_hf_qwen3(tmp_path, transformers)
+    lit = tmp_path / "litgpt"
+    lit_dar.convert.convert_hf(hf, lit, model_config=tiny_litgpt_config())
+    dar_dir = tmp_path / "dar"
+    assert cli.main(["convert", "dar", "--checkpoint_dir", str(lit), "--out_dir", str(dar_dir),
+                     "--dar.mode", "delta_block", "--dar.num_blocks", "2", "--dar.gate", "scalar"]) == dar_dir
+
+    idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = transformers.Qwen3ForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()(idx).logits
+        got = lit_dar.load_model(dar_dir).eval()(idx)
+    assert (got - expected).abs().max().item() < 1e-5
+
+    ft = _run("finetune", "--checkpoint_dir", str(lit), "--out_dir", str(tmp_path / "ft"),
+              "--devices", "2", "--strategy", "ddp", "--dar.num_blocks", "2", "--train.max_steps", "6",
+              "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.max_seq_length", "64",
+              "--train.lr_warmup_steps", "1", "--eval.interval", "3", "--eval.max_iters", "2",
+              "--data.max_bytes", "300000", "--data.cache_dir", str(tmp_path / "cache"), "--routing.image_interval", "0")
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    ppl = float(re.search(r"Validation perplexity: ([0-9.]+)", ft.stdout).group(1))
+    assert 1 < ppl < 10 * 384
+    final = tmp_path / "ft" / "final"
+    assert lit_dar.DARConfig.from_file(final).gate == "scalar"
+
+    gen = _run("generate", "--checkpoint_dir", str(final), "--prompt", "def main():", "--max_new_tokens", "8",
+               "--temperature", "0")
+    assert gen.returncode == 0 and gen.stdout.startswith("def main():"), gen.stderr[-2000:]
+
+    tasks = _write_tasks(tmp_path)
+    ev = _run("evaluate", "--checkpoint_dir", str(final), "--tasks", "[tiny_mc]", "--include_path", str(tasks),
+              env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert re.search(r"tiny_mc: acc [0-9.]+", ev.stdout)
+
+
+def _make_hf_qwen3(tmp_path: Path, transformers) -> Path:
+    from test_convert import VOCAB, tiny_litgpt_config
+
+    from lit_dar.data import load_corpus, train_tokenizer
+
+    lit = tiny_litgpt_config()
+    config = transformers.Qwen3Config(
+        vocab_size=VOCAB, hidden_size=lit.n_embd, intermediate_size=lit.intermediate_size,
+        num_hidden_layers=lit.n_layer, num_attention_heads=lit.n_head, num_key_value_heads=lit.n_query_groups,
+        head_dim=lit.head_size, max_position_embeddings=lit.block_size, rms_norm_eps=lit.norm_eps,
+        rope_theta=float(lit.rope_base), tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    out = tmp_path / "hf" / "Qwen3-tiny"
+    transformers.Qwen3ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    train_tokenizer((d.text for d in load_corpus(100_000)), VOCAB, out)
+    return out
