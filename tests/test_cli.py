@@ -162,11 +162,11 @@ TINY_RUN = ["--model_config.n_layer", "2", "--model_config.n_embd", "32", "--mod
             "--data.max_bytes", "300000", "--eval.max_iters", "2"]
 
 
-def _tiny_args(tmp_path: Path, out: str, steps: int, extra: list[str] = ()) -> list[str]:
+def _tiny_args(tmp_path: Path, out: str, steps: int, extra: list[str] = (), every: int = 4) -> list[str]:
     return ["pretrain", "--config", str(ROOT / "recipes/pretrain/tiny.yaml"), *TINY_RUN,
             "--out_dir", str(tmp_path / out), "--data.cache_dir", str(tmp_path / "cache"),
-            "--train.max_steps", str(steps), "--train.lr_warmup_steps", "2", "--train.save_interval", "4",
-            "--eval.interval", "4", "--train.log_interval", "1", "--dar.num_blocks", "2", *extra]
+            "--train.max_steps", str(steps), "--train.lr_warmup_steps", "2", "--train.save_interval", str(every),
+            "--eval.interval", str(every), "--train.log_interval", "1", "--dar.num_blocks", "2", *extra]
 
 
 @pytest.mark.slow
@@ -188,33 +188,38 @@ def _losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
 
 
+STEPS = 40
+
+
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_sigkill_and_resume_continues_exactly(tmp_path: Path) -> None:
     """Kill a 2-process DDP run mid-training; `--resume auto` then logs the uninterrupted run's losses."""
-    common = ["--devices", "2", "--logger_name", "csv", "--train.global_batch_size", "8", "--routing.image_interval", "0"]
-    full = _run(*_tiny_args(tmp_path, "full", steps=12, extra=common), "--eval.final_validation", "false")
+    common = ["--devices", "2", "--logger_name", "csv", "--train.global_batch_size", "8", "--routing.image_interval", "0",
+              "--eval.final_validation", "false", "--model_config.n_layer", "4", "--model_config.n_embd", "128",
+              "--model_config.intermediate_size", "256"]
+    started = time.time()
+    full = _run(*_tiny_args(tmp_path, "full", steps=STEPS, extra=common, every=10))
     assert full.returncode == 0, full.stderr[-3000:]
+    print(f"uninterrupted run: {time.time() - started:.1f} s")
 
-    argv = [sys.executable, "-m", "lit_dar", *_tiny_args(tmp_path, "killed", steps=12, extra=common),
-            "--eval.final_validation", "false"]
+    argv = [sys.executable, "-m", "lit_dar", *_tiny_args(tmp_path, "killed", steps=STEPS, extra=common, every=10)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline and not last.exists() and proc.poll() is None:
         time.sleep(0.1)
-    time.sleep(1.0)  # well into the steps after the first checkpoint (step 4 of 12)
+    time.sleep(1.0)  # into the steps after the first checkpoint (step 10 of 40)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert last.exists(), "the run never reached its first checkpoint"
     assert not (tmp_path / "killed" / "final").exists()
 
-    resumed = _run(*_tiny_args(tmp_path, "killed", steps=12, extra=common), "--eval.final_validation", "false",
-                   "--resume", "auto")
+    resumed = _run(*_tiny_args(tmp_path, "killed", steps=STEPS, extra=common, every=10), "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full_losses, resumed_losses = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
-    assert len(full_losses) == 12 and 4 <= len(resumed_losses) <= 8  # resumed from step 4 or 8
+    assert len(full_losses) == STEPS and 10 <= len(resumed_losses) <= STEPS - 10  # resumed from a later checkpoint
     for step, loss in resumed_losses.items():
         assert loss == pytest.approx(full_losses[step], rel=1e-5, abs=1e-6), step
 
