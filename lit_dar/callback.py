@@ -39,6 +39,7 @@ from typing_extensions import override
 from lit_dar.config import DARConfig
 from lit_dar.patch import (
     _check_unwrapped,
+    check_config,
     dar_filter,
     enable_routing_stats,
     find_router,
@@ -48,7 +49,6 @@ from lit_dar.patch import (
     routing_statistics,
 )
 from lit_dar.plotting import routed_point_labels, routing_heatmap, routing_matrix
-from lit_dar.routing import RoutingPlan
 
 ROUTING_GROUP = "dar_routing"
 """The ``name`` of the routing param group (``LearningRateMonitor`` logs its LR under this name)."""
@@ -343,8 +343,7 @@ class DeltaAttnResCallback(Callback):
         except (TypeError, ValueError) as err:
             reason = str(err).split(". ")[0]  # what is wrapped; the fix is ours to tell
             raise ValueError(f"DeltaAttnResCallback cannot patch the GPT at {name!r}: {reason}. {_SHARDED_HINT}") from None
-        cfg = self.dar_config
-        RoutingPlan.for_mode(cfg.mode, gpt.config.n_layer, cfg.num_blocks, gpt.config.parallel_residual)
+        check_config(gpt.config, self.dar_config)
 
     def _patch(self, gpt: GPT) -> None:
         if get_dar_config(gpt) is None:
@@ -443,7 +442,7 @@ class DeltaAttnResCallback(Callback):
         for name, gpt in _find_gpts(pl_module):
             enable_routing_stats(gpt, True)
             router = find_router(gpt)
-            if router.gate is not None:
+            if getattr(router, "gate", None) is not None:
                 # Read the gates inside the forward, where every strategy holds them unsharded (FSDP1/2
                 # reshard right after); prepend=True runs this before FSDP's own post-forward hook.
                 def capture(module: nn.Module, args: Any, output: Any, name: str = name, router: Any = router) -> None:
@@ -476,6 +475,9 @@ class DeltaAttnResCallback(Callback):
             if not find_router(gpt).last_weights:
                 continue  # this GPT did not run forward in the step (e.g. a teacher used only in validation)
             stats = routing_statistics(gpt)
+            if "max_weight" not in stats[0]:  # a rule without depth routing (Deep Delta Learning): its own scalars
+                metrics.update(_rule_scalars(trainer, prefix, stats))
+                continue
             max_weight, entropy, matrix = _reduce_stats(trainer, stats)
             metrics.update(self._scalars(prefix, stats, max_weight, entropy, self._gates.pop(name, None)))
             if self._image_due(step):
@@ -590,6 +592,17 @@ def _freeze_all_but_routing(*modules: nn.Module) -> None:
 
 def _contains(root: nn.Module, module: nn.Module) -> bool:
     return any(m is module for m in root.modules())
+
+
+def _rule_scalars(trainer: Trainer, prefix: str, stats: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Per-sublayer scalars of a rule's statistics (DDL: mean β, mean |v − kᵀs|), averaged over ranks."""
+    keys = sorted(stats[0])
+    flat = torch.stack([s[k].float().reshape(()) for s in stats for k in keys]).to(trainer.strategy.root_device)
+    flat = trainer.strategy.reduce(flat, reduce_op="mean").cpu().view(len(stats), len(keys))
+    labels = routed_point_labels(len(stats))
+    metrics = {f"{prefix}/{k}/{label}": float(flat[j, i]) for j, label in enumerate(labels) for i, k in enumerate(keys)}
+    metrics.update({f"{prefix}/{k}_mean": float(flat[:, i].mean()) for i, k in enumerate(keys)})
+    return metrics
 
 
 def _reduce_stats(trainer: Trainer, stats: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -330,9 +330,10 @@ def routing_report(model: torch.nn.Module, idx: torch.Tensor, png: Path, title: 
         model(idx)
     stats = routing_statistics(model)
     enable_routing_stats(model, False)
-    null = find_router(model).null is not None
-    fig = routing_heatmap(routing_matrix(stats), null_source=null, title=title)
     png.parent.mkdir(parents=True, exist_ok=True)
+    if "max_weight" not in stats[0]:  # Deep Delta Learning: no routing weights, its own per-sublayer scalars
+        return _rule_report(stats, png, title)
+    fig = routing_heatmap(routing_matrix(stats), null_source=find_router(model).null is not None, title=title)
     fig.savefig(png, dpi=120, bbox_inches="tight")
     rows = []
     print("sublayer  sources  max weight  uniform  entropy/log n")
@@ -345,6 +346,26 @@ def routing_report(model: torch.nn.Module, idx: torch.Tensor, png: Path, title: 
         }
         rows.append(row)
         print(f"{j:8d}  {n:7d}  {row['max_weight']:10.3f}  {row['uniform_max_weight']:7.3f}  {row['normalized_entropy']:13.3f}")
+    return rows
+
+
+def _rule_report(stats: list[dict[str, torch.Tensor]], png: Path, title: str) -> list[dict[str, float]]:
+    """Per-sublayer scalars of a rule without routing weights (DDL: β and |v − kᵀs|): plot, print, return."""
+    from matplotlib.figure import Figure
+
+    keys = sorted(stats[0])
+    rows = [{"sublayer": j, **{k: float(s[k]) for k in keys}} for j, s in enumerate(stats)]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.add_subplot()
+    for k in keys:
+        ax.plot([r[k] for r in rows], marker="o", ms=3, label=k)
+    ax.set_xlabel("sublayer")
+    ax.set_title(title)
+    ax.legend()
+    fig.savefig(png, dpi=120, bbox_inches="tight")
+    print("sublayer  " + "  ".join(f"{k:>10}" for k in keys))
+    for r in rows:
+        print(f"{r['sublayer']:8d}  " + "  ".join(f"{r[k]:10.3f}" for k in keys))
     return rows
 
 
@@ -361,6 +382,29 @@ def _tokenizer(checkpoint_dir: Path) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def _study(
+    out_dir: Path = Path("out/lit-dar/study"),
+    quick: bool = False,
+    seeds: int = 3,
+    report: Path | None = Path("docs/results.md"),
+    ablation: bool = True,
+    conversion: bool = True,
+) -> None:
+    """Reproduce the paper's claims at CPU scale: perplexity and routing sharpness across residual rules.
+
+    Arguments:
+        out_dir: Where the runs go (finished runs are reused, so an interrupted study resumes).
+        quick: The ≤10-minute version (tiny model, few steps, one seed).
+        seeds: Seeds per configuration.
+        report: The markdown report to write (figures beside it under img/).
+        ablation: Run the Delta Block block-count ablation.
+        conversion: Run the conversion experiment.
+    """
+    from lit_dar.study import study
+
+    study(out_dir, quick, seeds, report, ablation, conversion)
+
+
 def commands() -> dict[str, Any]:
     from lit_dar.convert import convert_hf, convert_to_dar
 
@@ -371,6 +415,7 @@ def commands() -> dict[str, Any]:
         "generate": generate,
         "evaluate": evaluate,
         "routing": routing,
+        "study": _study,
     }
 
 

@@ -215,6 +215,12 @@ RULE_STATISTICS: dict[type, Callable[[Any], list[dict[str, Tensor]]]] = {
 }
 
 
+def check_config(model_config: Any, config: DARConfig) -> None:
+    """Raise what ``patch_model`` would raise for this architecture (e.g. a block count it cannot have)."""
+    if config.mode in MODES:
+        RoutingPlan.for_mode(config.mode, model_config.n_layer, config.num_blocks, model_config.parallel_residual)
+
+
 def patch_model(model: GPT, config: DARConfig) -> GPT:
     """Turn ``model`` into a Delta Attention Residuals (or Deep Delta Learning) model in place and return it.
 
