@@ -160,6 +160,7 @@ def study(
     report: Path | None = Path("docs/results.md"),
     ablation: bool = True,
     conversion: bool = True,
+    scale: Scale | None = None,
 ) -> dict[str, Any]:
     """Train the baseline and every residual rule with the same tokens over several seeds; write the report.
 
@@ -170,8 +171,9 @@ def study(
         report: The markdown report to write (figures go beside it, under ``img/``); None: print only.
         ablation: Run the Delta Block block-count ablation (num_blocks 1, 2, 4, 6, L).
         conversion: Run the conversion experiment (baseline continued as is vs converted to Delta Block).
+        scale: Override the model/training size (tests use a micro scale).
     """
-    scale = SCALES["quick" if quick else "full"]
+    scale = scale or SCALES["quick" if quick else "full"]
     out_dir = Path(out_dir) / ("quick" if quick else "full")
     cache = out_dir / "data"
     started = time.perf_counter()
@@ -202,11 +204,24 @@ def study(
     seconds = time.perf_counter() - started
     text = render(scale, runs, blocks, convert, seconds, quick, report)
     if report is not None:
-        Path(report).write_text(text)
+        write_section(Path(report), "quick" if quick else "full", text)
         print(f"Wrote {report}")
     else:
         print(text)
     return {"runs": runs, "ablation": blocks, "conversion": convert, "seconds": seconds}
+
+
+def write_section(report: Path, tag: str, text: str) -> None:
+    """Replace the ``<!-- study:TAG -->`` section of ``report`` (created if missing); the rest stays as written."""
+    begin, end = f"<!-- study:{tag} -->", f"<!-- /study:{tag} -->"
+    block = f"{begin}\n{text}\n{end}"
+    old = report.read_text() if report.is_file() else "# Results\n"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + "\n\n" + block + "\n"
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(new)
 
 
 def _ablation_blocks(n_layer: int) -> list[int]:
