@@ -64,7 +64,7 @@ class BenchSettings:
     modes: tuple[str, ...] = ALL_MODES
     rounds: int = 5
     sweep_rounds: int = 3
-    warmup: int = 2
+    warmup: int = 1
     steps_per_round: int = 1
     decode_prompt: int = 16
     decode_tokens: int = 32
@@ -79,7 +79,7 @@ class BenchSettings:
         """A smoke run: a tiny model, one round, no sweep beyond two depths."""
         kwargs = dict(
             n_embd=64, n_head=4, n_query_groups=2, intermediate_size=128, vocab_size=256, batch_size=2,
-            seq_len=32, layers=(4,), sweep=(2, 4), rounds=1, sweep_rounds=1, warmup=1, decode_prompt=4,
+            seq_len=32, layers=(4,), sweep=(2, 4), rounds=1, sweep_rounds=1, warmup=0, decode_prompt=4,
             decode_tokens=4, num_blocks=2,
         )
         kwargs.update(overrides)
@@ -322,13 +322,12 @@ def measure_depth(settings: BenchSettings, n_layer: int, rounds: int, full: bool
                   log=print) -> list[ModelResult]:
     """All models at one depth, interleaved: warm-up, memory, then ``rounds`` rounds of timing."""
     pairs = build_trainers(settings, n_layer, device)
-    for trainer, _ in pairs:  # compiled kernels, optimizer state
-        trainer.step()
     if device.type == "cpu":
         _malloc_returns_memory(True)
-    for trainer, result in pairs:
+    for trainer, result in pairs:  # the first forward/backward also warms up (compiled kernels, allocator)
         result.saved_bytes, result.saved_tensors = trainer.saved_for_backward()
-        result.peak_bytes = trainer.peak_memory()
+        trainer.step()  # optimizer state
+        result.peak_bytes = trainer.peak_memory()  # a steady-state step
     if device.type == "cpu":
         _malloc_returns_memory(False)
     for trainer, _ in pairs:  # warm-up of the timing phase
@@ -510,6 +509,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, argparse.Namespac
     p.add_argument("--seq-len", type=int)
     p.add_argument("--n-embd", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--warmup", type=int, help="extra warm-up steps per model before timing")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"])
     p.add_argument("--compile", action="store_true", help="torch.compile every model (baseline included)")
@@ -521,7 +521,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, argparse.Namespac
         for k, v in {
             "layers": args.layers, "sweep": args.sweep, "modes": args.modes, "rounds": args.rounds,
             "sweep_rounds": args.sweep_rounds, "batch_size": args.batch_size, "seq_len": args.seq_len,
-            "n_embd": args.n_embd, "threads": args.threads, "device": args.device, "precision": args.precision,
+            "n_embd": args.n_embd, "threads": args.threads, "warmup": args.warmup, "device": args.device, "precision": args.precision,
         }.items()
         if v is not None
     }

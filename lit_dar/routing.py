@@ -158,6 +158,9 @@ class SourceBank:
         self.values = torch.empty(self.lead, capacity, D, dtype=dtype, device=x0.device)
         self.inv_rms = torch.empty(self.lead, capacity, dtype=dtype, device=x0.device)
         self.queries = queries.detach()  # (R, D), q_k = query_k ∘ key_gain_k
+        # dots[t, i, k] = u_i · q_k for every routed point k, computed once per source by one GEMM: a
+        # routed point's logits are then dots[:, :n, k] · inv_rms[:, :n], without a pass over its sources
+        self.dots = torch.empty(self.lead, capacity, queries.shape[0], dtype=dtype, device=x0.device)
         self.grad: Tensor | None = None  # (lead, S, D): Σ_k α_ki g_k
         self.coef_q: Tensor | None = None  # (lead, S, R): dlogit_ki
         self.coef_u: Tensor | None = None  # (lead, S): Σ_k dlogit_ki · dot_ki
@@ -168,6 +171,7 @@ class SourceBank:
             self.values.data[:, i].copy_(x)
             xf = self.values.data[:, i]
             self.inv_rms.data[:, i] = torch.rsqrt(xf.pow(2).mean(-1) + self.eps)
+            self.dots.data[:, i] = xf @ self.queries.t().to(xf.dtype)
 
     def _buffers(self) -> tuple[Tensor, Tensor, Tensor]:
         if self.grad is None:
@@ -184,29 +188,31 @@ def _extra_terms(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.rsqrt(x.pow(2).mean(-1) + eps), x @ q
 
 
-def _bank_mix(values: Tensor, inv_rms: Tensor, n: int, q: Tensor, pre: Tensor | None, post: Tensor | None,
-              eps: float) -> tuple[Tensor, Tensor]:
-    """Mixture ``(lead, D)`` and logits ``(lead, [pre] + n + [post])`` over the bank's first ``n`` sources."""
-    U = values[:, :n]
-    lead = U.shape[0]
-    logits = torch.bmm(U, q.view(1, -1, 1).expand(lead, -1, 1)).squeeze(-1) * inv_rms[:, :n]
+def _bank_logits(dots: Tensor, inv_rms: Tensor, n: int, k: int, q: Tensor, pre: Tensor | None,
+                 post: Tensor | None, eps: float) -> Tensor:
+    """Logits ``(lead, [pre] + n + [post])`` of routed point ``k`` over the bank's first ``n`` sources."""
+    logits = dots[:, :n, k] * inv_rms[:, :n]
+    if pre is None and post is None:
+        return logits
     parts = [logits]
     if pre is not None:
         inv, dot = _extra_terms(pre, q, eps)
-        parts.insert(0, (dot * inv).expand(lead, 1))
+        parts.insert(0, (dot * inv).expand(logits.shape[0], 1))
     if post is not None:
         inv, dot = _extra_terms(post, q, eps)
         parts.append((dot * inv).unsqueeze(-1))
-    if len(parts) > 1:
-        logits = torch.cat(parts, -1)
-    alpha = torch.softmax(logits, -1)
-    a = alpha[:, int(pre is not None) : int(pre is not None) + n]
-    out = torch.bmm(a.unsqueeze(1), U).squeeze(1)
+    return torch.cat(parts, -1)
+
+
+def _bank_mix(values: Tensor, alpha: Tensor, n: int, pre: Tensor | None, post: Tensor | None) -> Tensor:
+    """Mixture ``(lead, D)``: one pass over the bank's first ``n`` sources."""
+    o = int(pre is not None)
+    out = torch.bmm(alpha[:, o : o + n].unsqueeze(1), values[:, :n]).squeeze(1)
     if pre is not None:
         out = out + alpha[:, :1] * pre
     if post is not None:
         out = out + alpha[:, -1:] * post
-    return out, logits
+    return out
 
 
 class _Emit(torch.autograd.Function):
@@ -248,20 +254,20 @@ class _BankRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,  # type: ignore[override]
                 stats: dict | None, *tokens: Tensor) -> Tensor:
-        out, logits, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stats)
+        out, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stats)
         ctx.bank, ctx.n, ctx.k = bank, n, k
         ctx.dtypes = (None if pre is None else pre.dtype, None if post is None else post.dtype)
-        ctx.save_for_backward(q, bank.values, bank.inv_rms, logits, pre_f, post_f)
+        ctx.save_for_backward(q, bank.values, bank.inv_rms, bank.dots, pre_f, post_f)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         bank, n, k = ctx.bank, ctx.n, ctx.k
-        q, values, inv_rms, logits, pre, post = ctx.saved_tensors
+        q, values, inv_rms, dots, pre, post = ctx.saved_tensors
         with _no_autocast(q.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
-            U, inv = values[:, :n], inv_rms[:, :n]
-            alpha = torch.softmax(logits, -1)
+            U = values[:, :n]
+            alpha = torch.softmax(_bank_logits(dots, inv_rms, n, k, q, pre, post, bank.eps), -1)
             o = int(pre is not None)
             d_alpha = [torch.bmm(U, g.unsqueeze(-1)).squeeze(-1)]
             if pre is not None:
@@ -272,9 +278,9 @@ class _BankRoute(torch.autograd.Function):
             d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
             grad, coef_q, coef_u = bank._buffers()
             dl = d_logit[:, o : o + n]
-            grad[:, :n].baddbmm_(alpha[:, o : o + n].unsqueeze(-1), g.unsqueeze(1))
+            grad[:, :n].addcmul_(alpha[:, o : o + n].unsqueeze(-1), g.unsqueeze(1))
             coef_q[:, :n, k] = dl
-            coef_u[:, :n].addcmul_(dl, logits[:, o : o + n] / inv)
+            coef_u[:, :n].addcmul_(dl, dots[:, :n, k])
             d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
             d_pre = d_post = None
             D = q.shape[-1]
@@ -304,15 +310,16 @@ def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None
 
 
 def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
-                  stats: dict | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Mixture (in the stream's shape and dtype), logits, and the extra sources in the compute dtype."""
+                  stats: dict | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Mixture (in the stream's shape and dtype) and the extra sources in the compute dtype."""
     with _no_autocast(q.device):
         post_f = None if post is None else post.reshape(bank.lead, -1).to(bank.values.dtype)
         pre_f = None if pre is None else pre.to(bank.values.dtype)
-        out, logits = _bank_mix(bank.values, bank.inv_rms, n, q, pre_f, post_f, bank.eps)
+        alpha = torch.softmax(_bank_logits(bank.dots, bank.inv_rms, n, k, q, pre_f, post_f, bank.eps), -1)
+        out = _bank_mix(bank.values, alpha, n, pre_f, post_f)
     if stats is not None:
-        stats[k] = torch.softmax(logits, -1).view(*bank.shape[:-1], -1).detach()
-    return out.view(bank.shape).to(bank.out_dtype), logits, pre_f, post_f
+        stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
+    return out.view(bank.shape).to(bank.out_dtype), pre_f, post_f
 
 
 def _bank_route_no_grad(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
