@@ -31,3 +31,15 @@ def test_num_blocks_fallback() -> None:
     assert bench.valid_num_blocks(12, 4) == 4
     assert bench.valid_num_blocks(6, 4) == 3
     assert bench.valid_num_blocks(2, 4) == 2
+
+
+@pytest.mark.gpu
+def test_quick_benchmark_on_gpu_bf16(tmp_path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    report = bench.main(["--quick", "--layers", "2", "--sweep", "--device", "cuda", "--precision", "bf16-mixed",
+                         "--out", str(tmp_path), "--name", "gpu"])
+    rows = report["main"]["2"]
+    assert all(r["peak_bytes"] > 0 and r["train_tokens_per_s"] > 0 for r in rows.values())
