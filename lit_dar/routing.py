@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -27,6 +28,11 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------------------
 # The op
 # --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The routing math runs in fp32, or in fp64 for fp64 inputs (gradient checks)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _weights(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -41,12 +47,6 @@ def _weights(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     return inv_rms, dots, torch.softmax(logits, dim=-1)
 
 
-def _stack(sources: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
-    """Sources stacked on dim -2 in the accumulation dtype: fp32, or fp64 for float64 inputs."""
-    dtype = torch.promote_types(sources[0].dtype, torch.float32)
-    return torch.stack([u.to(dtype) for u in sources], dim=-2)
-
-
 class _DepthAttention(torch.autograd.Function):
     """``r = Σ_i softmax_i(q · u_i / rms(u_i)) u_i``, fp32 inside, with a recomputing backward.
 
@@ -56,8 +56,8 @@ class _DepthAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, eps: float, stats: dict | None, key: int, *sources: Tensor) -> Tensor:  # type: ignore[override]
-        x = _stack(sources)  # (..., n, D)
-        _, _, alpha = _weights(x, q.to(x.dtype), eps)
+        x = torch.stack([u.to(q.dtype) for u in sources], dim=-2)  # (..., n, D)
+        _, _, alpha = _weights(x, q, eps)
         out = (alpha.unsqueeze(-2) @ x).squeeze(-2)
         if stats is not None:
             stats[key] = alpha.detach()
@@ -68,10 +68,9 @@ class _DepthAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         q, *sources = ctx.saved_tensors
-        x = _stack(sources)
-        q = q.to(x.dtype)
+        x = torch.stack([u.to(q.dtype) for u in sources], dim=-2)
         inv_rms, dots, alpha = _weights(x, q, ctx.eps)
-        g = grad_out.to(x.dtype)
+        g = grad_out.to(q.dtype)
         d_alpha = (x @ g.unsqueeze(-1)).squeeze(-1)  # (..., n): u_i · dr
         d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
         # logit_i = (q · u_i) · inv_rms_i, inv_rms_i = (mean(u_i²) + eps)^(-1/2)
@@ -105,7 +104,8 @@ def depth_attention(
     Returns:
         ``r = Σ_i α_i u_i`` in the sources' dtype; logits, softmax and mixture are computed in fp32.
     """
-    q = query.to(torch.promote_types(query.dtype, torch.float32)) * key_gain
+    dtype = _compute_dtype(sources[0].dtype)
+    q = query.to(dtype) * key_gain.to(dtype)
     return _DepthAttention.apply(q, eps, stats, key, *sources)
 
 
@@ -114,6 +114,226 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
     x = torch.stack([u.float() for u in sources], dim=-2)
     keys = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * key_gain.float()
     alpha = torch.softmax(keys @ query.float(), dim=-1)
+    return (alpha.unsqueeze(-1) * x).sum(-2).to(sources[0].dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path: one token-major source bank per forward
+# --------------------------------------------------------------------------------------------------
+#
+# The routed points of one forward all read prefixes of the same growing list of sources. The bank stores
+# that list once, token-major (``values[t, i]`` = source ``i`` at token ``t``), in fp32, together with each
+# source's inverse RMS (computed once, when the source is completed). A routed point over the first ``n``
+# sources is then two batched passes over ``values[:, :n]`` forward (logits, mixture) and two backward
+# (``dα = U·g``, ``grad[:, :n] += α ⊗ g``); nothing is stacked, and nothing per routed point is saved but
+# its logits (``n`` numbers per token).
+#
+# The gradient terms that go through a source's key (``∂logit/∂u_i = q·inv_i − dot·inv_i³·u_i/D``) are
+# not applied per routed point (that would be more passes over all ``n`` sources): each routed point
+# leaves its ``dlogit`` (n per token) in ``coef_q`` and ``Σ dlogit·dot`` in ``coef_u``, and the source's
+# own backward node (``_Emit``, run after every routed point that read it, because each of those takes the
+# source's token as input) applies them once per source: ``inv·(coef_q @ Q) − coef_u·inv³/D·u``, and
+# returns ``coef_qᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The grad bank likewise turns
+# the ``n`` gradients per routed point into one in-place accumulation (no O(L²) gradient tensors).
+#
+# Bank writes go through ``.data``: a source slot is written once (again, with the same values, when
+# activation checkpointing replays a block), never changed after a routed point has read it, so the
+# autograd version check that the writes would trip is not needed.
+
+
+def _no_autocast(device: torch.device):
+    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return nullcontext()
+
+
+class SourceBank:
+    """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
+
+    def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float) -> None:
+        D = x0.shape[-1]
+        dtype = _compute_dtype(x0.dtype)
+        self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
+        self.lead = math.prod(x0.shape[:-1])
+        self.values = torch.empty(self.lead, capacity, D, dtype=dtype, device=x0.device)
+        self.inv_rms = torch.empty(self.lead, capacity, dtype=dtype, device=x0.device)
+        self.queries = queries.detach()  # (R, D), q_k = query_k ∘ key_gain_k
+        # dots[t, i, k] = u_i · q_k for every routed point k, computed once per source by one GEMM: a
+        # routed point's logits are then dots[:, :n, k] · inv_rms[:, :n], without a pass over its sources
+        self.dots = torch.empty(self.lead, capacity, queries.shape[0], dtype=dtype, device=x0.device)
+        self.grad: Tensor | None = None  # (lead, S, D): Σ_k α_ki g_k
+        self.coef_q: Tensor | None = None  # (lead, S, R): dlogit_ki
+        self.coef_u: Tensor | None = None  # (lead, S): Σ_k dlogit_ki · dot_ki
+
+    def write(self, i: int, u: Tensor) -> None:
+        x = u.detach().reshape(self.lead, -1)
+        with torch.no_grad(), _no_autocast(x.device):
+            self.values.data[:, i].copy_(x)
+            xf = self.values.data[:, i]
+            self.inv_rms.data[:, i] = torch.rsqrt(xf.pow(2).mean(-1) + self.eps)
+            self.dots.data[:, i] = xf @ self.queries.t().to(xf.dtype)
+
+    def _buffers(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.grad is None:
+            lead, S, D = self.values.shape
+            opts = dict(dtype=self.values.dtype, device=self.values.device)
+            self.grad = torch.zeros(lead, S, D, **opts)
+            self.coef_q = torch.zeros(lead, S, self.queries.shape[0], **opts)
+            self.coef_u = torch.zeros(lead, S, **opts)
+        return self.grad, self.coef_q, self.coef_u  # type: ignore[return-value]
+
+
+def _extra_terms(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Inverse RMS and ``q``-dot of an extra (non-bank) source, ``(lead, D)`` or ``(D,)``."""
+    return torch.rsqrt(x.pow(2).mean(-1) + eps), x @ q
+
+
+def _bank_logits(dots: Tensor, inv_rms: Tensor, n: int, k: int, q: Tensor, pre: Tensor | None,
+                 post: Tensor | None, eps: float) -> Tensor:
+    """Logits ``(lead, [pre] + n + [post])`` of routed point ``k`` over the bank's first ``n`` sources."""
+    logits = dots[:, :n, k] * inv_rms[:, :n]
+    if pre is None and post is None:
+        return logits
+    parts = [logits]
+    if pre is not None:
+        inv, dot = _extra_terms(pre, q, eps)
+        parts.insert(0, (dot * inv).expand(logits.shape[0], 1))
+    if post is not None:
+        inv, dot = _extra_terms(post, q, eps)
+        parts.append((dot * inv).unsqueeze(-1))
+    return torch.cat(parts, -1)
+
+
+def _bank_mix(values: Tensor, alpha: Tensor, n: int, pre: Tensor | None, post: Tensor | None) -> Tensor:
+    """Mixture ``(lead, D)``: one pass over the bank's first ``n`` sources."""
+    o = int(pre is not None)
+    out = torch.bmm(alpha[:, o : o + n].unsqueeze(1), values[:, :n]).squeeze(1)
+    if pre is not None:
+        out = out + alpha[:, :1] * pre
+    if post is not None:
+        out = out + alpha[:, -1:] * post
+    return out
+
+
+class _Emit(torch.autograd.Function):
+    """Write a completed source into the bank; its backward applies the deferred key-path gradient.
+
+    Returns an empty *token*: every routed point that reads the source takes the token as an input, so
+    autograd runs this node's backward only after all of theirs.
+    """
+
+    @staticmethod
+    def forward(ctx, bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor:  # type: ignore[override]
+        bank.write(i, u)
+        ctx.bank, ctx.i, ctx.u_dtype = bank, i, u.dtype
+        ctx.save_for_backward(bank.values, bank.inv_rms)
+        return u.new_empty(0)
+
+    @staticmethod
+    def backward(ctx, _token: Tensor):  # type: ignore[override]
+        bank, i = ctx.bank, ctx.i
+        if bank.grad is None:  # no routed point received a gradient
+            return None, None, None, None
+        values, inv_rms = ctx.saved_tensors
+        u, inv = values[:, i], inv_rms[:, i].unsqueeze(-1)
+        with _no_autocast(u.device):
+            coef = bank.coef_q[:, i]
+            grad = bank.grad[:, i] + inv * (coef @ bank.queries.to(coef.dtype))
+            grad = grad.sub_((bank.coef_u[:, i].unsqueeze(-1) * inv.pow(3) / u.shape[-1]) * u)
+            d_queries = (coef.t() @ (inv * u)).to(bank.queries.dtype) if ctx.needs_input_grad[3] else None
+        # a second backward through a retained graph starts from zero again
+        bank.grad[:, i].zero_()
+        bank.coef_q[:, i].zero_()
+        bank.coef_u[:, i].zero_()
+        return None, None, grad.view(bank.shape).to(ctx.u_dtype), d_queries
+
+
+class _BankRoute(torch.autograd.Function):
+    """One routed point over the bank's first ``n`` sources (plus an optional null and partial source)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,  # type: ignore[override]
+                stats: dict | None, *tokens: Tensor) -> Tensor:
+        out, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stats)
+        ctx.bank, ctx.n, ctx.k = bank, n, k
+        ctx.dtypes = (None if pre is None else pre.dtype, None if post is None else post.dtype)
+        ctx.save_for_backward(q, bank.values, bank.inv_rms, bank.dots, pre_f, post_f)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        bank, n, k = ctx.bank, ctx.n, ctx.k
+        q, values, inv_rms, dots, pre, post = ctx.saved_tensors
+        with _no_autocast(q.device):
+            g = grad_out.reshape(bank.lead, -1).to(values.dtype)
+            U = values[:, :n]
+            alpha = torch.softmax(_bank_logits(dots, inv_rms, n, k, q, pre, post, bank.eps), -1)
+            o = int(pre is not None)
+            d_alpha = [torch.bmm(U, g.unsqueeze(-1)).squeeze(-1)]
+            if pre is not None:
+                d_alpha.insert(0, (g @ pre).unsqueeze(-1))
+            if post is not None:
+                d_alpha.append((g * post).sum(-1, keepdim=True))
+            d_alpha = torch.cat(d_alpha, -1) if len(d_alpha) > 1 else d_alpha[0]
+            d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
+            grad, coef_q, coef_u = bank._buffers()
+            dl = d_logit[:, o : o + n]
+            grad[:, :n].addcmul_(alpha[:, o : o + n].unsqueeze(-1), g.unsqueeze(1))
+            coef_q[:, :n, k] = dl
+            coef_u[:, :n].addcmul_(dl, dots[:, :n, k])
+            d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+            d_pre = d_post = None
+            D = q.shape[-1]
+            for x, col, is_pre in ((pre, 0, True), (post, -1, False)):
+                if x is None:
+                    continue
+                inv_e, dot_e = _extra_terms(x, q, bank.eps)
+                a, d = alpha[:, col].unsqueeze(-1), d_logit[:, col].unsqueeze(-1)
+                c = d * inv_e.unsqueeze(-1) if not is_pre else d * inv_e
+                cu = d * dot_e.unsqueeze(-1) * inv_e.pow(3).unsqueeze(-1) / D if not is_pre else d * dot_e * inv_e.pow(3) / D
+                if is_pre:
+                    d_pre = (a * g + c * q - cu * x).sum(0).to(ctx.dtypes[0])
+                    if d_q is not None:
+                        d_q += c.sum() * x
+                else:
+                    d_post = (a * g + c * q - cu * x).view(bank.shape).to(ctx.dtypes[1])
+                    if d_q is not None:
+                        d_q += (c * x).sum(0)
+        return (d_q, None, None, None, d_pre, d_post, None, *([None] * (len(ctx.needs_input_grad) - 7)))
+
+
+def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None:
+    if torch.is_grad_enabled():
+        return _Emit.apply(bank, i, u, queries)
+    bank.write(i, u)
+    return None
+
+
+def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
+                  stats: dict | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Mixture (in the stream's shape and dtype) and the extra sources in the compute dtype."""
+    with _no_autocast(q.device):
+        post_f = None if post is None else post.reshape(bank.lead, -1).to(bank.values.dtype)
+        pre_f = None if pre is None else pre.to(bank.values.dtype)
+        alpha = torch.softmax(_bank_logits(bank.dots, bank.inv_rms, n, k, q, pre_f, post_f, bank.eps), -1)
+        out = _bank_mix(bank.values, alpha, n, pre_f, post_f)
+    if stats is not None:
+        stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
+    return out.view(bank.shape).to(bank.out_dtype), pre_f, post_f
+
+
+def _bank_route_no_grad(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
+                        stats: dict | None) -> Tensor:
+    return _bank_forward(q, bank, n, k, pre, post, stats)[0]
+
+
+def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int) -> Tensor:
+    """The routing math in plain autograd: what ``torch.compile`` traces (inductor fuses it)."""
+    x = torch.stack([u.to(q.dtype) for u in sources], dim=-2)
+    logits = (x @ q) * torch.rsqrt(x.pow(2).mean(-1) + eps)
+    alpha = torch.softmax(logits, dim=-1)
+    if stats is not None:
+        stats[key] = alpha.detach()
     return (alpha.unsqueeze(-1) * x).sum(-2).to(sources[0].dtype)
 
 
@@ -229,12 +449,21 @@ class RoutingState:
     """The sources of one forward pass: completed sources and the running partial sum.
 
     Immutable: :meth:`emit` returns a new state, so a block replayed by activation checkpointing sees
-    exactly the state it saw the first time.
+    exactly the state it saw the first time. On the fast path the completed sources live in ``bank``
+    (written once per slot, so a replay rewrites the same values) and ``tokens`` holds one autograd token
+    per completed source instead of the source itself; ``sources`` is then empty.
     """
 
     sources: tuple[Tensor, ...]
     partial: Tensor | None = None
     stats: dict | None = field(default=None, compare=False)
+    bank: SourceBank | None = field(default=None, compare=False)
+    tokens: tuple[Tensor, ...] = ()
+    queries: Tensor | None = None
+
+    @property
+    def n_completed(self) -> int:
+        return len(self.tokens) if self.bank is not None else len(self.sources)
 
     def visible(self, plan: RoutingPlan) -> tuple[Tensor, ...]:
         if plan.see_partial and self.partial is not None:
@@ -247,9 +476,12 @@ class RoutingState:
 
     def emit(self, plan: RoutingPlan, j: int, output: Tensor) -> RoutingState:
         partial = output if self.partial is None else self.partial + output
-        if plan.closes_group[j]:
-            return RoutingState((*self.sources, partial), None, self.stats)
-        return RoutingState(self.sources, partial, self.stats)
+        if not plan.closes_group[j]:
+            return replace(self, partial=partial)
+        if self.bank is not None:
+            token = _emit(self.bank, len(self.tokens), partial, self.queries)
+            return replace(self, partial=None, tokens=(*self.tokens, token))
+        return replace(self, sources=(*self.sources, partial), partial=None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +513,10 @@ class DepthRouter(nn.Module):
         self.null = nn.Parameter(torch.empty(n_routes, n_embd, device=device)) if null_source else None
         self.record_stats = False
         self.last_weights: list[Tensor] = []
+        # "bank": the fast path (one source bank per forward, fused-pass routing); "op": one
+        # depth_attention call per routed point; "autograd": the plain math, which is also what runs
+        # under torch.compile (inductor fuses it). All three compute the same function.
+        self.implementation = "bank"
         self.config_dict: dict = {}  # what built this router; saved and checked with the weights
         self.reset_parameters()
 
@@ -311,6 +547,10 @@ class DepthRouter(nn.Module):
         """The mixture ``r_k`` of routed point ``k`` over ``sources`` (plus its null source)."""
         if self.null is not None:
             sources = (self.null[k].to(sources[0].dtype).expand_as(sources[0]), *sources)
+        if self.implementation == "autograd" or torch.compiler.is_compiling():
+            dtype = _compute_dtype(sources[0].dtype)
+            q = self.query[k].to(dtype) * self.key_gain[k].to(dtype)
+            return _plain_depth_attention(sources, q, self.eps, stats, k)
         return depth_attention(sources, self.query[k], self.key_gain[k], self.eps, stats, k)
 
     def combine(self, k: int, stream: Tensor, mixture: Tensor) -> Tensor:
@@ -325,7 +565,33 @@ class DepthRouter(nn.Module):
 
     def start(self, x0: Tensor) -> RoutingState:
         """The sources of a new forward: just the embedding ``x0``."""
-        return RoutingState((x0,), None, {} if self.record_stats else None)
+        stats = {} if self.record_stats else None
+        if self._use_bank():
+            dtype = _compute_dtype(x0.dtype)
+            queries = self.query.to(dtype) * self.key_gain.to(dtype)
+            capacity = 1 + sum(self.plan.closes_group)
+            bank = SourceBank(x0, capacity, queries, self.eps)
+            token = _emit(bank, 0, x0, queries)
+            return RoutingState((), None, stats, bank, (token,), queries)
+        return RoutingState((x0,), None, stats)
+
+    def _use_bank(self) -> bool:
+        if self.implementation == "bank":
+            return not torch.compiler.is_compiling()
+        if self.implementation not in ("op", "autograd"):
+            raise ValueError(f"Unknown routing implementation {self.implementation!r}: use 'bank', 'op' or 'autograd'.")
+        return False
+
+    def _route_state(self, k: int, state: RoutingState, final: bool = False) -> Tensor:
+        """The mixture of routed point ``k`` over what ``state`` makes visible to it."""
+        if state.bank is None:
+            return self.route(k, state.final() if final else state.visible(self.plan), state.stats)
+        post = state.partial if (final or self.plan.see_partial) else None
+        pre = self.null[k] if self.null is not None else None
+        if not torch.is_grad_enabled():  # decoding: the same math without autograd nodes
+            return _bank_route_no_grad(state.queries[k], state.bank, state.n_completed, k, pre, post, state.stats)
+        return _BankRoute.apply(state.queries[k], state.bank, state.n_completed, k, pre, post, state.stats,
+                                *state.tokens)
 
     def layer(
         self,
@@ -342,20 +608,19 @@ class DepthRouter(nn.Module):
         """
         plan, pair = self.plan, (2 * layer, 2 * layer + 1)
         if plan.parallel:  # both sublayers read the sources completed before this layer
-            seen = state.visible(plan)
-            outputs = [f(self.combine(j, stream, self.route(j, seen, state.stats))) for j, f in zip(pair, (attn, mlp))]
+            outputs = [f(self.combine(j, stream, self._route_state(j, state))) for j, f in zip(pair, (attn, mlp))]
             for j, v in zip(pair, outputs):
                 stream, state = v + stream, state.emit(plan, j, v)
             return stream, state
         for j, f in zip(pair, (attn, mlp)):
-            v = f(self.combine(j, stream, self.route(j, state.visible(plan), state.stats)))
+            v = f(self.combine(j, stream, self._route_state(j, state)))
             stream, state = v + stream, state.emit(plan, j, v)
         return stream, state
 
     def finish(self, stream: Tensor, state: RoutingState) -> Tensor:
         """The hidden state fed to the final norm: the stream, or its own routed mixture (AttnRes)."""
         if self.plan.route_final:
-            stream = self.route(self.plan.n_routes - 1, state.final(), state.stats)
+            stream = self._route_state(self.plan.n_routes - 1, state, final=True)
         if state.stats is not None:
             self.last_weights = [state.stats[k] for k in sorted(state.stats)]
         return stream
@@ -385,6 +650,7 @@ __all__ = [
     "DepthRouter",
     "RoutingPlan",
     "RoutingState",
+    "SourceBank",
     "depth_attention",
     "layers_per_block",
     "reference_depth_attention",

@@ -77,17 +77,31 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     # LitGPT 0.5.x adds its boolean KV-cache mask to softcapped attention scores (model.py,
     # `scores + mask`), so Gemma-2's own cached decoding differs from its full forward; the
     # DAR-specific part is checked here without attention softcapping and against LitGPT below.
+    # float64: cached and full forwards take different attention kernels in LitGPT, whose fp32 rounding
+    # (≈1e-6 unpatched) routing amplifies to ≈1e-5 on some inputs; in float64 the bookkeeping must be exact.
     overrides = {"attention_logit_softcapping": None} if name == "gemma-2-2b" else {}
-    base = tiny_gpt(name, **overrides)
+    base = tiny_gpt(name, **overrides).double()
     idx = torch.randint(0, 96, (2, 10))
     for mode in MODES:
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2, null_source=True)).eval()
+        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2, null_source=True)).double().eval()
         _randomize_routing(model)
         with torch.no_grad():
             full = model(idx)
         cached = _decode(model, idx)
         assert torch.equal(cached.argmax(-1), full.argmax(-1)), mode
-        assert (cached - full).abs().max().item() <= 1e-5, mode
+        assert (cached - full).abs().max().item() <= 1e-10, mode
+
+
+def test_kv_cache_decoding_fp32() -> None:
+    base = tiny_gpt("Qwen3-0.6B")
+    idx = torch.randint(0, 96, (2, 10))
+    for mode in MODES:
+        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2)).eval()
+        _randomize_routing(model)
+        with torch.no_grad():
+            full = model(idx)
+        cached = _decode(model, idx)
+        assert torch.equal(cached.argmax(-1), full.argmax(-1)) and (cached - full).abs().max().item() <= 1e-5, mode
 
 
 def test_kv_cache_decoding_with_closed_gate_equals_litgpt_gemma2() -> None:

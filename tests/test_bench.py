@@ -1,0 +1,45 @@
+"""The benchmark's code path in quick mode: it runs and reports every field (no timing assertions)."""
+
+import json
+
+import pytest
+
+from lit_dar import bench
+
+
+def test_quick_benchmark_reports_all_fields(tmp_path) -> None:
+    report = bench.main(["--quick", "--layers", "2", "--sweep", "2", "--out", str(tmp_path), "--name", "q"])
+    for name in ("json", "md"):
+        assert (tmp_path / f"q.{name}").is_file()
+    assert (tmp_path / "q_depth.png").is_file()
+    saved = json.loads((tmp_path / "q.json").read_text())
+    assert saved["main"].keys() == saved["sweep"].keys() == {"2"}
+    rows = report["main"]["2"]
+    assert set(rows) == {"baseline", *bench.ALL_MODES}
+    for name, row in rows.items():
+        for key in ("train_tokens_per_s", "train_speed_ratio", "saved_bytes", "saved_ratio", "peak_bytes",
+                    "params", "routing_params", "param_overhead_percent", "decode_tokens_per_s",
+                    "decode_speed_ratio"):
+            assert key in row, (name, key)
+        assert row["train_tokens_per_s"] > 0 and row["saved_bytes"] > 0
+        assert (row["routing_params"] > 0) == (name != "baseline")
+    assert rows["baseline"]["train_speed_ratio"] == pytest.approx(1.0)
+    assert "Delta Block" in (tmp_path / "q.md").read_text()
+
+
+def test_num_blocks_fallback() -> None:
+    assert bench.valid_num_blocks(12, 4) == 4
+    assert bench.valid_num_blocks(6, 4) == 3
+    assert bench.valid_num_blocks(2, 4) == 2
+
+
+@pytest.mark.gpu
+def test_quick_benchmark_on_gpu_bf16(tmp_path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    report = bench.main(["--quick", "--layers", "2", "--sweep", "--device", "cuda", "--precision", "bf16-mixed",
+                         "--out", str(tmp_path), "--name", "gpu"])
+    rows = report["main"]["2"]
+    assert all(r["peak_bytes"] > 0 and r["train_tokens_per_s"] > 0 for r in rows.values())

@@ -1,0 +1,249 @@
+"""The fast routing path (source bank) against the per-routed-point op and plain autograd."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from litgpt import GPT, Config
+
+from lit_dar import DARConfig, patch_model
+from lit_dar import routing
+from lit_dar.routing import DepthRouter, RoutingPlan, SourceBank
+
+MODES = ["delta", "delta_block", "attnres_full", "attnres_block"]
+IMPLS = ["bank", "op", "autograd"]
+
+
+def tiny(n_layer: int = 4, parallel: bool = False, **kw) -> Config:
+    kwargs = dict(
+        name="tiny", block_size=32, vocab_size=64, padded_vocab_size=64, n_layer=n_layer, n_embd=16, n_head=4,
+        n_query_groups=2, head_size=4, intermediate_size=24, mlp_class_name="LLaMAMLP", norm_class_name="RMSNorm",
+        parallel_residual=parallel, shared_attention_norm=parallel, bias=False, rotary_percentage=1.0,
+    )
+    kwargs.update(kw)
+    return Config(**kwargs)
+
+
+def _randomize_routing(model: GPT, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.dar.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p is model.dar.key_gain else 0.0))
+
+
+def _grads(model: GPT, idx: torch.Tensor, impl: str, dtype=torch.float64) -> tuple[torch.Tensor, dict]:
+    model.dar.implementation = impl
+    model.zero_grad(set_to_none=True)
+    logits = model(idx)
+    w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=logits.dtype)
+    (logits * w).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("null", [False, True])
+def test_whole_model_gradients_equal_across_implementations(mode: str, parallel: bool, null: bool) -> None:
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=4, parallel=parallel)).double()
+    gate = "scalar" if mode in ("delta", "delta_block") else "none"
+    patch_model(model, DARConfig(mode=mode, num_blocks=2, null_source=null, gate=gate))
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (2, 7))
+    ref_out, ref = _grads(model, idx, "autograd")
+    for impl in ("bank", "op"):
+        out, grads = _grads(model, idx, impl)
+        torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
+        assert grads.keys() == ref.keys()
+        for name in ref:
+            torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=f"{impl} {name}")
+
+
+def _bank_route(sources, q, pre=None, post=None, eps=1e-6):
+    """One routed point over ``sources`` through the bank path (as the router runs it)."""
+    bank = SourceBank(sources[0], len(sources), q.unsqueeze(0), eps)
+    tokens = [routing._Emit.apply(bank, i, u, q.unsqueeze(0)) for i, u in enumerate(sources)]
+    return routing._BankRoute.apply(q, bank, len(sources), 0, pre, post, None, *tokens)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("extras", [False, True])
+def test_bank_route_gradcheck(n: int, extras: bool) -> None:
+    g = torch.Generator().manual_seed(n)
+    sources = [torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n)]
+    q = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    pre = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True) if extras else None
+    post = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) if extras else None
+    inputs = (q, *sources) + ((pre, post) if extras else ())
+
+    def op(q, *rest):
+        srcs, ex = (rest[:-2], rest[-2:]) if extras else (rest, (None, None))
+        return _bank_route(list(srcs), q, *ex)
+
+    torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-8)
+
+
+def test_bank_route_matches_reference_and_op() -> None:
+    sources = [torch.randn(2, 5, 16, requires_grad=True) for _ in range(6)]
+    query = torch.randn(16, requires_grad=True)
+    gain = (1 + 0.3 * torch.randn(16)).requires_grad_()
+    grad = torch.randn(2, 5, 16)
+    ref = routing.reference_depth_attention(sources, query, gain)
+    ref_grads = torch.autograd.grad(ref, [query, gain, *sources], grad)
+    out = _bank_route(sources, query * gain)
+    grads = torch.autograd.grad(out, [query, gain, *sources], grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _model(mode="delta", n_layer=4, dtype=torch.float32, **dar) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=n_layer)).to(dtype)
+    patch_model(model, DARConfig(mode=mode, num_blocks=2, **dar))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["delta", "delta_block"])
+def test_zero_gate_is_bit_exact_identity(mode: str) -> None:
+    model = _model(mode, gate="scalar")
+    with torch.no_grad():  # any routing, closed gate
+        model.dar.query.normal_()
+        model.dar.key_gain.normal_()
+    base = GPT(tiny())
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("dar.")})
+    idx = torch.randint(0, 64, (2, 9))
+    assert torch.equal(model(idx), base(idx))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kv_cache_decode_matches_full_forward(mode: str) -> None:
+    model = _model(mode, null_source=True).eval()
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (3, 10))
+    with torch.no_grad():
+        full = model(idx)
+        model.set_kv_cache(batch_size=3)
+        steps = [model(idx[:, :6], input_pos=torch.arange(6))]
+        for t in range(6, 10):
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["delta", "attnres_block"])
+def test_activation_checkpointing_gradients(mode: str) -> None:
+    """Blocks re-run during backward (non-reentrant checkpointing) give the same gradients."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model(mode, dtype=torch.float64)
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (2, 7))
+    _, ref = _grads(model, idx, "bank")
+    for block in model.transformer.h:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+    _, got = _grads(model, idx, "bank")
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_retain_graph_second_backward() -> None:
+    model = _model("delta_block", dtype=torch.float64)
+    _randomize_routing(model)
+    out = model(torch.randint(0, 64, (2, 5))).sum()
+    first = torch.autograd.grad(out, list(model.parameters()), retain_graph=True)
+    second = torch.autograd.grad(out, list(model.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_autocast_routing_in_fp32() -> None:
+    model = _model("delta", null_source=True)
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (2, 6))
+    outs = {}
+    for impl in IMPLS:
+        model.dar.implementation = impl
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[impl] = model(idx).float()
+        outs[impl].sum().backward()
+    torch.testing.assert_close(outs["bank"], outs["autograd"], rtol=2e-2, atol=2e-2)
+
+
+def test_meta_device_and_stats() -> None:
+    with torch.device("meta"):
+        model = GPT(tiny())
+    patch_model(model, DARConfig(mode="delta"))
+    out = model(torch.zeros(1, 4, dtype=torch.long, device="meta"))
+    assert out.device.type == "meta"
+
+    model = _model("attnres_block", null_source=True)
+    _randomize_routing(model)
+    model.dar.record_stats = True
+    idx = torch.randint(0, 64, (2, 5))
+    weights = {}
+    for impl in IMPLS:
+        model.dar.implementation = impl
+        model(idx)
+        weights[impl] = model.dar.last_weights
+    assert [w.shape for w in weights["bank"]] == [w.shape for w in weights["autograd"]]
+    for a, b in zip(weights["bank"], weights["autograd"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_for_backward_is_the_sources() -> None:
+    """Delta keeps (2L+1) source vectors per token for backward, not O(L²) stacked copies."""
+    from lit_dar.bench import BenchSettings, Trainer
+
+    settings = BenchSettings.quick()
+    L = 6
+    sizes = {}
+    for name in ("baseline", "delta"):
+        torch.manual_seed(0)
+        model = GPT(tiny(n_layer=L))
+        if name == "delta":
+            patch_model(model, DARConfig(mode="delta"))
+        trainer = Trainer(name, model, settings, torch.device("cpu"))
+        trainer.idx = torch.randint(0, 64, (2, 16))
+        trainer.targets = torch.randint(0, 64, (2, 16))
+        sizes[name], _ = trainer.saved_for_backward()
+    extra = sizes["delta"] - sizes["baseline"]
+    tokens, D, S = 2 * 16, 16, 2 * L + 1
+    # the sources, their inverse RMS and their dot products with the 2L pseudo-queries
+    floor = tokens * 4 * (S * D + S + S * 2 * L)
+    assert extra <= 1.05 * floor, (extra, floor)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_routing_compiles_without_graph_breaks(mode: str) -> None:
+    model = _model(mode, null_source=True)
+    explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 8)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["delta", "attnres_block"])
+def test_compiled_training_step_matches_eager(mode: str) -> None:
+    torch._dynamo.reset()
+    model = _model(mode, null_source=True)
+    _randomize_routing(model)
+    compiled = copy.deepcopy(model)
+    idx, targets = torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))
+    results = []
+    for m, fwd in ((model, model), (compiled, torch.compile(compiled))):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        losses = []
+        for _ in range(2):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(fwd(idx).flatten(0, 1), targets.flatten())
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        results.append((losses, {n: p.grad for n, p in m.named_parameters()}))
+    (eager_losses, eager_grads), (comp_losses, comp_grads) = results
+    torch.testing.assert_close(comp_losses, eager_losses, rtol=1e-5, atol=1e-5)
+    for name in eager_grads:
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
