@@ -172,7 +172,8 @@ def _malloc_returns_memory(enabled: bool) -> None:
         return
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 64 * 1024 if enabled else 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 128 * 1024 if enabled else 64 * 2**20)
+    # timing phase: never give memory back, or whichever model runs after a quiet phase pays page faults
+    libc.mallopt(m_trim_threshold, 128 * 1024 if enabled else 2**31 - 1)
     libc.malloc_trim(0)
 
 
@@ -336,17 +337,18 @@ def measure_depth(settings: BenchSettings, n_layer: int, rounds: int, full: bool
     for trainer, _ in pairs:  # warm-up of the timing phase
         for _ in range(settings.warmup):
             trainer.step()
-    if full:
-        for trainer, _ in pairs:
-            trainer.decode()  # warm-up
-    for r in range(rounds):
-        for trainer, result in pairs:
+    for r in range(rounds):  # the order rotates, so that no model is always first after a pause
+        order = pairs[r % len(pairs):] + pairs[: r % len(pairs)]
+        for trainer, result in order:
             result.step_seconds.append(trainer.timed_steps(settings.steps_per_round))
-        if full:
-            for trainer, result in pairs:
-                result.decode_seconds.append(trainer.decode())
         log(f"  L={n_layer} round {r + 1}/{rounds}: " + ", ".join(
             f"{res.name} {res.step_seconds[-1]:.3f}s" for _, res in pairs))
+    if full:  # decoding after all training rounds: its allocations do not disturb them
+        for trainer, _ in pairs:
+            trainer.decode()  # warm-up
+        for r in range(rounds):
+            for trainer, result in pairs[r % len(pairs):] + pairs[: r % len(pairs)]:
+                result.decode_seconds.append(trainer.decode())
     for trainer, _ in pairs:
         trainer.release()
     results = [res for _, res in pairs]
