@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 
 BASELINE = "baseline"
-ALL_MODES = ("attnres_block", "attnres_full", "delta", "delta_block")
+ALL_MODES = ("attnres_block", "attnres_full", "delta", "delta_block", "ddl")
 LABELS = {
     BASELINE: "LitGPT (unpatched)",
     "attnres_block": "AttnRes block",
     "attnres_full": "AttnRes full",
     "delta": "Delta",
     "delta_block": "Delta Block",
+    "ddl": "Deep Delta Learning",
 }
 
 
