@@ -285,3 +285,9 @@ def _make_hf_qwen3(tmp_path: Path, transformers) -> Path:
     transformers.Qwen3ForCausalLM(config).save_pretrained(out, safe_serialization=True)
     train_tokenizer((d.text for d in load_corpus(100_000)), VOCAB, out)
     return out
+
+
+def test_bench_command_is_reachable(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0 and "--layers" in capsys.readouterr().out
