@@ -389,6 +389,7 @@ def _study(
     report: Path | None = Path("docs/results.md"),
     ablation: bool = True,
     conversion: bool = True,
+    ablation_seeds: int = 2,
 ) -> None:
     """Reproduce the paper's claims at CPU scale: perplexity and routing sharpness across residual rules.
 
@@ -399,10 +400,11 @@ def _study(
         report: The markdown report to write (figures beside it under img/).
         ablation: Run the Delta Block block-count ablation.
         conversion: Run the conversion experiment.
+        ablation_seeds: Seeds for the block-count ablation (the first ones).
     """
     from lit_dar.study import study
 
-    study(out_dir, quick, seeds, report, ablation, conversion)
+    study(out_dir, quick, seeds, report, ablation, conversion, ablation_seeds=ablation_seeds)
 
 
 def commands() -> dict[str, Any]:

@@ -54,7 +54,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(n_layer=12, n_embd=128, steps=400, num_blocks=4),
+    "full": Scale(n_layer=12, n_embd=128, steps=300, batch=8, eval_interval=50, eval_iters=16, num_blocks=4),
     "quick": Scale(n_layer=4, n_embd=64, steps=60, batch=8, seq=64, eval_interval=20, eval_iters=4, num_blocks=2,
                    max_bytes=1_000_000),
 }
@@ -161,6 +161,7 @@ def study(
     ablation: bool = True,
     conversion: bool = True,
     scale: Scale | None = None,
+    ablation_seeds: int = 2,
 ) -> dict[str, Any]:
     """Train the baseline and every residual rule with the same tokens over several seeds; write the report.
 
@@ -172,6 +173,7 @@ def study(
         ablation: Run the Delta Block block-count ablation (num_blocks 1, 2, 4, 6, L).
         conversion: Run the conversion experiment (baseline continued as is vs converted to Delta Block).
         scale: Override the model/training size (tests use a micro scale).
+        ablation_seeds: Seeds for the block-count ablation (the first ones of ``seeds``), to fit the time budget.
     """
     scale = scale or SCALES["quick" if quick else "full"]
     out_dir = Path(out_dir) / ("quick" if quick else "full")
@@ -184,7 +186,7 @@ def study(
             runs.setdefault(mode, []).append(train_run(mode, out_dir, scale, _dar(mode, scale), seed, cache))
     blocks: dict[int, list[dict[str, Any]]] = {}
     if ablation:
-        for seed in seed_list:
+        for seed in seed_list[:ablation_seeds]:
             for n in _ablation_blocks(scale.n_layer):
                 run = runs["delta_block"][seed_list.index(seed)] if n == scale.num_blocks else train_run(
                     f"delta_block-N{n}", out_dir, scale, _dar("delta_block", scale, num_blocks=n), seed, cache)
