@@ -14,7 +14,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from litgpt.model import GPT, Block
-from test_distributed import Sequences, pattern_data, tiny_config, val_loader
+from test_distributed import Sequences, pattern_data, tiny_config
 
 from lit_dar import DARConfig, get_dar_config, mark_only_routing_as_trainable, routing_parameters
 from lit_dar.patch import find_router
