@@ -78,6 +78,7 @@ class LitGPTModule(LightningModule):
         self.model: GPT | None = None
         self.val_nll = TokenNLL(ignore_index=IGNORE_INDEX)
         self._initial_loaded = False
+        self._param_counts = (0, 0)
 
     # ----------------------------------------------------------------------------------------- model
 
@@ -96,6 +97,8 @@ class LitGPTModule(LightningModule):
             set_litgpt_init(self.model)
         if not meta:
             reset_parameters(self.model)
+        # counted now, before a strategy shards them (FSDP1 leaves each rank only its shard's numel)
+        self._param_counts = (num_parameters(model, requires_grad=True), num_parameters(model, requires_grad=False))
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
 
@@ -163,9 +166,11 @@ class LitGPTModule(LightningModule):
     def _flops(self, inputs: Tensor) -> int:
         """Training FLOPs of this batch on this device, as ``litgpt.utils.estimate_flops`` counts them."""
         B, T = inputs.shape
-        cfg = self.config
-        trainable = flops_per_param(T, cfg.n_layer, cfg.n_embd, num_parameters(self.model, requires_grad=True))
-        frozen = flops_per_param(T, cfg.n_layer, cfg.n_embd, num_parameters(self.model, requires_grad=False))
+        if not any(self._param_counts):  # a model given from outside, not built by configure_model
+            self._param_counts = (num_parameters(self.model, True), num_parameters(self.model, False))
+        cfg, (n_trainable, n_frozen) = self.config, self._param_counts
+        trainable = flops_per_param(T, cfg.n_layer, cfg.n_embd, n_trainable)
+        frozen = flops_per_param(T, cfg.n_layer, cfg.n_embd, n_frozen)
         return B * (3 * trainable + 2 * frozen)
 
     # -------------------------------------------------------------------------------------- optimizer

@@ -14,7 +14,7 @@ import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from litgpt.model import GPT, Block
-from test_distributed import Sequences, pattern_data, tiny_config, val_loader
+from test_distributed import Sequences, pattern_data, tiny_config
 
 from lit_dar import DARConfig, get_dar_config, mark_only_routing_as_trainable, routing_parameters
 from lit_dar.patch import find_router
@@ -92,12 +92,18 @@ def test_a_second_fit_with_the_same_callback_keeps_the_patch(tmp_path: Path) -> 
 
 @pytest.fixture
 def process_group():
-    """Tear down the (one-process, gloo) group that FSDP2 needs, whoever created it."""
+    """Tear down the (one-process, gloo) group that FSDP2 needs, whoever created it, and the environment
+    variables Lightning sets for it (a leaked MASTER_PORT would be reused by later multi-process runs)."""
+    import os
+
     import torch.distributed as dist
 
+    environ = dict(os.environ)
     yield dist
     if dist.is_initialized():
         dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def fsdp2_trainer(tmp_path: Path, callbacks: list, max_steps: int = 2) -> L.Trainer:
