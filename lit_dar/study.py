@@ -54,7 +54,7 @@ class Scale:
 
 
 SCALES = {
-    "full": Scale(n_layer=12, n_embd=128, steps=300, batch=8, eval_interval=50, eval_iters=16, num_blocks=4),
+    "full": Scale(n_layer=12, n_embd=128, steps=250, batch=16, eval_interval=50, eval_iters=12, num_blocks=4),
     "quick": Scale(n_layer=4, n_embd=64, steps=60, batch=8, seq=64, eval_interval=20, eval_iters=4, num_blocks=2,
                    max_bytes=1_000_000),
 }
