@@ -305,6 +305,21 @@ def test_any_logger_gets_the_scalars(tmp_path: Path) -> None:
     assert len(sharpness) == 2 and all(0.5 <= s <= 1 for s in sharpness)
 
 
+def test_deep_delta_learning_logs_its_own_statistics(tmp_path: Path) -> None:
+    """DDL has no routing weights: the callback logs mean β and |v − kᵀs| per sublayer, and no heatmap."""
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    callback = DeltaAttnResCallback(DARConfig(mode="ddl"), log_interval=2, image_interval=2)
+    module = lit_module()
+    make_trainer(tmp_path, [callback], max_steps=4, logger=logger).fit(module, train_loader())
+    assert get_dar_config(module.model).mode == "ddl"
+    rows = [r for r in csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()) if r.get("dar/beta_mean")]
+    assert len(rows) == 2
+    for row in rows:
+        assert 0 < float(row["dar/beta_mean"]) < 2 and float(row["dar/residual_mean"]) >= 0
+        assert row["dar/beta/0.attn"] and row["dar/residual/1.mlp"]
+    assert "dar/sharpness" not in rows[0] or not rows[0]["dar/sharpness"]
+
+
 def test_collapse_to_uniform_warns_and_is_logged(tmp_path: Path) -> None:
     # A routing LR far too small keeps the routing at its uniform init: that is the collapse to catch.
     callback = DeltaAttnResCallback(DAR, routing_lr=1e-12, log_interval=1, image_interval=0, collapse_window=3)
