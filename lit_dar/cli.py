@@ -382,33 +382,9 @@ def _tokenizer(checkpoint_dir: Path) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _study(
-    out_dir: Path = Path("out/lit-dar/study"),
-    quick: bool = False,
-    seeds: int = 3,
-    report: Path | None = Path("docs/results.md"),
-    ablation: bool = True,
-    conversion: bool = True,
-    ablation_seeds: int = 2,
-) -> None:
-    """Reproduce the paper's claims at CPU scale: perplexity and routing sharpness across residual rules.
-
-    Arguments:
-        out_dir: Where the runs go (finished runs are reused, so an interrupted study resumes).
-        quick: The ≤10-minute version (tiny model, few steps, one seed).
-        seeds: Seeds per configuration.
-        report: The markdown report to write (figures beside it under img/).
-        ablation: Run the Delta Block block-count ablation.
-        conversion: Run the conversion experiment.
-        ablation_seeds: Seeds for the block-count ablation (the first ones).
-    """
-    from lit_dar.study import study
-
-    study(out_dir, quick, seeds, report, ablation, conversion, ablation_seeds=ablation_seeds)
-
-
 def commands() -> dict[str, Any]:
     from lit_dar.convert import convert_hf, convert_to_dar
+    from lit_dar.study import study
 
     return {
         "pretrain": pretrain,
@@ -417,14 +393,20 @@ def commands() -> dict[str, Any]:
         "generate": generate,
         "evaluate": evaluate,
         "routing": routing,
-        "study": _study,
+        "study": study,
     }
 
 
-def main(argv: list[str] | None = None) -> Any:
-    """``lit-dar``: bad input ends with one line that names the fix and exit code 2, not a traceback.
+def main(argv: list[str] | None = None) -> None:
+    """The ``lit-dar`` console script (returns nothing: a console script's return value becomes its exit status)."""
+    run(argv)
 
-    ``LIT_DAR_DEBUG=1`` shows the traceback instead.
+
+def run(argv: list[str] | None = None) -> Any:
+    """Run one ``lit-dar`` command and return its result (what tests and notebooks use).
+
+    Bad input ends with one line that names the fix and exit code 2, not a traceback; ``LIT_DAR_DEBUG=1``
+    shows the traceback instead.
     """
     import os
 

@@ -171,7 +171,7 @@ def _tiny_args(tmp_path: Path, out: str, steps: int, extra: list[str] = (), ever
 
 @pytest.mark.slow
 def test_tiny_pretrain_writes_checkpoint_logs_heatmap(tmp_path: Path) -> None:
-    result = cli.main(_tiny_args(tmp_path, "run", steps=8, extra=["--train.global_batch_size", "4"]))
+    result = cli.run(_tiny_args(tmp_path, "run", steps=8, extra=["--train.global_batch_size", "4"]))
     run = tmp_path / "run"
     assert result["steps"] == 8 and result["val_ppl"] > 1
     assert {"lit_model.pth", "model_config.yaml", "dar_config.yaml", "tokenizer.json"} <= {p.name for p in (run / "final").iterdir()}
@@ -179,6 +179,12 @@ def test_tiny_pretrain_writes_checkpoint_logs_heatmap(tmp_path: Path) -> None:
     assert list((run / "logs").glob("events.out.tfevents.*"))
     model = lit_dar.load_model(run / "final")
     assert lit_dar.get_dar_config(model).mode == "delta_block"
+    # the installed console script exits 0 (its return value would become the exit status)
+    script = Path(sys.executable).parent / "lit-dar"
+    routing = subprocess.run([str(script), "routing", "--checkpoint_dir", str(run / "final"), "--out", str(tmp_path / "r.png")],
+                             capture_output=True, text=True, timeout=300)
+    assert routing.returncode == 0 and routing.stderr.count("\n") < 20, routing.stderr[-2000:]
+    assert "sublayer" in routing.stdout and (tmp_path / "r.png").is_file()
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -237,7 +243,7 @@ def test_qwen3_path_end_to_end(tmp_path: Path) -> None:
     lit = tmp_path / "litgpt"
     lit_dar.convert.convert_hf(hf, lit, model_config=tiny_litgpt_config())
     dar_dir = tmp_path / "dar"
-    assert cli.main(["convert", "dar", "--checkpoint_dir", str(lit), "--out_dir", str(dar_dir),
+    assert cli.run(["convert", "dar", "--checkpoint_dir", str(lit), "--out_dir", str(dar_dir),
                      "--dar.mode", "delta_block", "--dar.num_blocks", "2", "--dar.gate", "scalar"]) == dar_dir
 
     idx = torch.randint(0, 384, (2, 16), generator=torch.Generator().manual_seed(0))
