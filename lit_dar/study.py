@@ -161,7 +161,8 @@ def study(
     ablation: bool = True,
     conversion: bool = True,
     scale: Scale | None = None,
-    ablation_seeds: int = 2,
+    ablation_seeds: int = 1,
+    conversion_seeds: int = 1,
 ) -> dict[str, Any]:
     """Train the baseline and every residual rule with the same tokens over several seeds; write the report.
 
@@ -174,6 +175,7 @@ def study(
         conversion: Run the conversion experiment (baseline continued as is vs converted to Delta Block).
         scale: Override the model/training size (tests use a micro scale).
         ablation_seeds: Seeds for the block-count ablation (the first ones of ``seeds``), to fit the time budget.
+        conversion_seeds: Seeds for the conversion experiment (the first ones of ``seeds``).
     """
     scale = scale or SCALES["quick" if quick else "full"]
     out_dir = Path(out_dir) / ("quick" if quick else "full")
@@ -194,7 +196,7 @@ def study(
     convert: dict[str, list[dict[str, Any]]] = {}
     if conversion:
         half = scale.steps // 2
-        for seed in seed_list:
+        for seed in seed_list[:conversion_seeds]:
             base = train_run("conv-pretrain", out_dir, scale, None, seed, cache, steps=half)
             start = out_dir / "conv-pretrain" / f"seed{seed}" / "final"
             convert.setdefault("pretrained (start)", []).append(base)
@@ -316,14 +318,16 @@ def render(scale: Scale, runs: dict, blocks: dict, convert: dict, seconds: float
         lines += ["", f"Deep Delta Learning: mean β over sublayers after training {statistics.fmean(betas):.3f} "
                       "(1 at init; 0 leaves the stream, 2 reflects it)."]
     if blocks:
-        lines += ["", "### Delta Block: number of blocks", "", "| num_blocks | layers per block | val ppl | vs baseline |", "|---|---|---|---|"]
+        k = len(next(iter(blocks.values())))
+        lines += ["", f"### Delta Block: number of blocks ({k} seed{'s' if k > 1 else ''}; the main-table rows use {n_seeds})", "", "| num_blocks | layers per block | val ppl | vs baseline |", "|---|---|---|---|"]
         for n in sorted(blocks):
             mean, std = _ppl(blocks[n])
             lines.append(f"| {n} | {math.ceil(cfg.n_layer / n)} | {_fmt(mean, std, len(blocks[n]))} | {100 * (mean - base_mean) / base_mean:+.2f} % |")
         mean, std = _ppl(runs["delta"])
         lines.append(f"| (delta, per sublayer) | — | {_fmt(mean, std, len(runs['delta']))} | {100 * (mean - base_mean) / base_mean:+.2f} % |")
     if convert:
-        lines += ["", "### Converting a pretrained model", "",
+        k = len(next(iter(convert.values())))
+        lines += ["", f"### Converting a pretrained model ({k} seed{'s' if k > 1 else ''})", "",
                   f"A baseline pretrained for {scale.steps // 2} steps, then trained {scale.steps // 2} more steps on the same "
                   "tokens either unchanged or converted to Delta Block with the zero gate (identity at the start).", "",
                   "| arm | val ppl |", "|---|---|"]

@@ -26,7 +26,7 @@ def test_micro_study_end_to_end(tmp_path: Path) -> None:
     micro = Scale(n_layer=2, n_embd=32, steps=6, batch=4, seq=32, vocab=512, warmup=1, eval_interval=3,
                   eval_iters=2, num_blocks=2, max_bytes=600_000)
     report = tmp_path / "docs" / "results.md"
-    out = study(tmp_path / "runs", quick=True, seeds=2, report=report, scale=micro)
+    out = study(tmp_path / "runs", quick=True, seeds=2, report=report, scale=micro, ablation_seeds=2)
     assert set(out["runs"]) == set(MODES) and all(len(r) == 2 for r in out["runs"].values())
     assert sorted(out["ablation"]) == [1, 2]
     text = report.read_text()
