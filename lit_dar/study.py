@@ -180,7 +180,6 @@ def study(
     scale = scale or SCALES["quick" if quick else "full"]
     out_dir = Path(out_dir) / ("quick" if quick else "full")
     cache = out_dir / "data"
-    started = time.perf_counter()
     seed_list = list(range(seeds if not quick or seeds != 3 else 1))
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in seed_list:  # seed-major: an early stop still leaves every mode with the same seeds
@@ -205,7 +204,8 @@ def study(
                                                                      gate="scalar"))):
                 convert.setdefault(name, []).append(
                     train_run(f"conv-{name.split()[0]}", out_dir, scale, dar, seed, cache, start, steps=half))
-    seconds = time.perf_counter() - started
+    stored = [r for rs in (*runs.values(), *blocks.values(), *convert.values()) for r in rs]
+    seconds = sum({(r["name"], r["seed"]): r["seconds"] for r in stored}.values())  # every run once, resumed or not
     text = render(scale, runs, blocks, convert, seconds, quick, report)
     if report is not None:
         write_section(Path(report), "quick" if quick else "full", text)
@@ -283,7 +283,7 @@ def render(scale: Scale, runs: dict, blocks: dict, convert: dict, seconds: float
     lines = [
         f"## Study results ({tag})",
         "",
-        f"Command: `lit-dar study{' --quick true' if quick else ''}` — {seconds / 60:.1f} min on this machine "
+        f"Command: `lit-dar study{' --quick true' if quick else ''}` — {seconds / 60:.1f} min of training runs on this machine "
         f"({torch.get_num_threads()} threads). Model: {cfg.n_layer} layers × {cfg.n_embd} (SwiGLU, RMSNorm, RoPE), "
         f"vocabulary {cfg.vocab_size} (BPE trained on the corpus), {scale.steps} steps × {scale.batch} × "
         f"{scale.seq} tokens = {tokens / 1e6:.2f} M tokens per run, AdamW {scale.lr:g} with warmup + cosine, "
@@ -319,12 +319,14 @@ def render(scale: Scale, runs: dict, blocks: dict, convert: dict, seconds: float
                       "(1 at init; 0 leaves the stream, 2 reflects it)."]
     if blocks:
         k = len(next(iter(blocks.values())))
-        lines += ["", f"### Delta Block: number of blocks ({k} seed{'s' if k > 1 else ''}; the main-table rows use {n_seeds})", "", "| num_blocks | layers per block | val ppl | vs baseline |", "|---|---|---|---|"]
+        base_k, _ = _ppl(runs["baseline"][:k])  # the baseline of the same seeds
+        lines += ["", f"### Delta Block: number of blocks ({k} seed{'s' if k > 1 else ''}; compared with the baseline of the same seed{'s' if k > 1 else ''}, ppl {base_k:.2f})", "",
+                  "| num_blocks | layers per block | val ppl | vs baseline |", "|---|---|---|---|"]
         for n in sorted(blocks):
             mean, std = _ppl(blocks[n])
-            lines.append(f"| {n} | {math.ceil(cfg.n_layer / n)} | {_fmt(mean, std, len(blocks[n]))} | {100 * (mean - base_mean) / base_mean:+.2f} % |")
-        mean, std = _ppl(runs["delta"])
-        lines.append(f"| (delta, per sublayer) | — | {_fmt(mean, std, len(runs['delta']))} | {100 * (mean - base_mean) / base_mean:+.2f} % |")
+            lines.append(f"| {n} | {math.ceil(cfg.n_layer / n)} | {_fmt(mean, std, len(blocks[n]))} | {100 * (mean - base_k) / base_k:+.2f} % |")
+        mean, std = _ppl(runs["delta"][:k])
+        lines.append(f"| (delta, per sublayer) | — | {_fmt(mean, std, k)} | {100 * (mean - base_k) / base_k:+.2f} % |")
     if convert:
         k = len(next(iter(convert.values())))
         lines += ["", f"### Converting a pretrained model ({k} seed{'s' if k > 1 else ''})", "",
@@ -376,7 +378,7 @@ def _plot_heatmaps(runs: dict, path: Path) -> None:
         matrix = _weights_matrix(runs[mode][0])
         im = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
         ax.set_title(f"{mode} (seed 0, after training)")
-        ax.set_xlabel("source (0 = embedding x0, then earlier sublayer outputs)")
+        ax.set_xlabel("source (0: embedding x0)")
         ax.set_ylabel("routed point (sublayer; last row: final state)" if mode.startswith("attnres") else "sublayer")
     fig.colorbar(im, ax=fig.axes, shrink=0.8, label="weight")
     fig.savefig(path, dpi=110, bbox_inches="tight")
