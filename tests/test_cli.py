@@ -236,10 +236,10 @@ def test_qwen3_path_end_to_end(tmp_path: Path) -> None:
     """HF Qwen3 → LitGPT → DAR (exact) → 2-process fine-tune → perplexity, generation, lm-eval."""
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("lm_eval")
-    from test_convert import tiny_litgpt_config
+    from test_convert import make_hf_qwen3, tiny_litgpt_config
     from test_evaluate import _write_tasks
 
-    hf = _make_hf_qwen3(tmp_path, transformers)
+    hf = make_hf_qwen3(tmp_path / "hf" / "Qwen3-tiny")
     lit = tmp_path / "litgpt"
     lit_dar.convert.convert_hf(hf, lit, model_config=tiny_litgpt_config())
     dar_dir = tmp_path / "dar"
@@ -272,25 +272,6 @@ def test_qwen3_path_end_to_end(tmp_path: Path) -> None:
               env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert re.search(r"tiny_mc: acc [0-9.]+", ev.stdout)
-
-
-def _make_hf_qwen3(tmp_path: Path, transformers) -> Path:
-    from test_convert import VOCAB, tiny_litgpt_config
-
-    from lit_dar.data import load_corpus, train_tokenizer
-
-    lit = tiny_litgpt_config()
-    config = transformers.Qwen3Config(
-        vocab_size=VOCAB, hidden_size=lit.n_embd, intermediate_size=lit.intermediate_size,
-        num_hidden_layers=lit.n_layer, num_attention_heads=lit.n_head, num_key_value_heads=lit.n_query_groups,
-        head_dim=lit.head_size, max_position_embeddings=lit.block_size, rms_norm_eps=lit.norm_eps,
-        rope_theta=float(lit.rope_base), tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    out = tmp_path / "hf" / "Qwen3-tiny"
-    transformers.Qwen3ForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    train_tokenizer((d.text for d in load_corpus(100_000)), VOCAB, out)
-    return out
 
 
 def test_bench_command_is_reachable(capsys) -> None:

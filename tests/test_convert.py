@@ -33,9 +33,8 @@ def tiny_litgpt_config() -> Config:
     )
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    """A random tiny Qwen3 saved by transformers, plus a tokenizer trained here (nothing downloaded)."""
+def make_hf_qwen3(out: Path) -> Path:
+    """A random tiny Qwen3 saved by transformers into ``out``, plus a tokenizer trained here (nothing downloaded)."""
     lit = tiny_litgpt_config()
     config = transformers.Qwen3Config(
         vocab_size=VOCAB,
@@ -56,10 +55,14 @@ def hf_dir(tmp_path_factory) -> Path:
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    out = tmp_path_factory.mktemp("hf") / "Qwen3-tiny"
     model.save_pretrained(out, safe_serialization=True)
     train_tokenizer((d.text for d in load_corpus(100_000)), VOCAB, out)
     return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    return make_hf_qwen3(tmp_path_factory.mktemp("hf") / "Qwen3-tiny")
 
 
 @pytest.fixture(scope="module")
