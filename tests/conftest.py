@@ -51,3 +51,23 @@ def tiny_gpt(name: str = "Qwen3-0.6B", seed: int = 0, **overrides) -> GPT:
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(1234)
+
+
+def patched_copy(base: GPT, dar) -> GPT:
+    """A fresh model with ``base``'s weights, patched with ``dar`` (``base`` stays unpatched)."""
+    from lit_dar import patch_model
+
+    model = GPT(base.config)
+    model.load_state_dict(base.state_dict())
+    return patch_model(model, dar)
+
+
+def decode(model: GPT, idx: torch.Tensor, prompt: int = 6) -> torch.Tensor:
+    """Prefill ``prompt`` tokens, then decode the rest one at a time with the KV cache."""
+    with torch.no_grad():
+        model.set_kv_cache(batch_size=idx.shape[0])
+        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt))]
+        for t in range(prompt, idx.shape[1]):
+            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), input_pos_maxp1=t + 1))
+        model.clear_kv_cache()
+    return torch.cat(steps, dim=1)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, tiny_config, tiny_gpt
+from conftest import ARCHITECTURES, decode, patched_copy, tiny_config, tiny_gpt
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -14,11 +14,6 @@ import lit_dar
 from lit_dar import DARConfig, patch_model
 from lit_dar.ddl import VALUE_KINDS, DeepDeltaRule, delta_update, reference_delta_update
 
-
-def _patched_copy(base: GPT, dar: DARConfig) -> GPT:
-    model = GPT(base.config)
-    model.load_state_dict(base.state_dict())
-    return patch_model(model, dar)
 
 
 def _randomize_rule(model: GPT, seed: int = 0) -> None:
@@ -113,7 +108,7 @@ def test_forward_backward_every_value(name: str) -> None:
     base = tiny_gpt(name)
     idx = torch.randint(0, 96, (2, 12))
     for i in range(len(VALUE_KINDS)):
-        model = _patched_copy(base, _ddl(i))
+        model = patched_copy(base, _ddl(i))
         assert type(model.dar) is DeepDeltaRule and all(isinstance(b, Block) for b in model.transformer.h)
         _randomize_rule(model)
         loss = _loss(model, idx)
@@ -123,16 +118,6 @@ def test_forward_backward_every_value(name: str) -> None:
             assert p.grad is not None and p.grad.abs().sum() > 0, (VALUE_KINDS[i], pname)
 
 
-def _decode(model: GPT, idx: torch.Tensor, prompt: int = 6) -> torch.Tensor:
-    """Prefill ``prompt`` tokens, then decode the rest one at a time with the KV cache."""
-    with torch.no_grad():
-        model.set_kv_cache(batch_size=idx.shape[0])
-        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt))]
-        for t in range(prompt, idx.shape[1]):
-            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), input_pos_maxp1=t + 1))
-        model.clear_kv_cache()
-    return torch.cat(steps, dim=1)
-
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
@@ -141,11 +126,11 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     # float64: DDL mixes no positions, so cached decoding must agree to rounding, free of fp32 kernel noise
     base = tiny_gpt(name, **overrides).double()
     idx = torch.randint(0, 96, (2, 10))
-    model = _patched_copy(base, _ddl(ARCHITECTURES.index(name))).double().eval()
+    model = patched_copy(base, _ddl(ARCHITECTURES.index(name))).double().eval()
     _randomize_rule(model)
     with torch.no_grad():
         full = model(idx)
-    cached = _decode(model, idx)
+    cached = decode(model, idx)
     assert torch.equal(cached.argmax(-1), full.argmax(-1))
     assert (cached - full).abs().max().item() <= 1e-12
 
@@ -153,7 +138,7 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
     dar = _ddl(ARCHITECTURES.index(name), ddl_beta_init=0.7)
-    model = _patched_copy(tiny_gpt(name), dar)
+    model = patched_copy(tiny_gpt(name), dar)
     _randomize_rule(model)
     lit_dar.save_checkpoint(model, tmp_path)
     loaded = lit_dar.load_model(tmp_path)
@@ -170,7 +155,7 @@ def test_beta_zero_makes_every_block_an_exact_identity(name: str) -> None:
     sublayer, whereas the unpatched model adds them (no DDL setting reproduces that; see docs/method.md).
     """
     base = tiny_gpt(name)
-    model = _patched_copy(base, _ddl(ARCHITECTURES.index(name)))
+    model = patched_copy(base, _ddl(ARCHITECTURES.index(name)))
     _randomize_rule(model)
     with torch.no_grad():
         model.dar.beta_bias.fill_(-math.inf)
@@ -231,7 +216,7 @@ def reference_forward(model: GPT, idx: torch.Tensor, dar: DARConfig) -> torch.Te
 @pytest.mark.parametrize("value", VALUE_KINDS)
 def test_matches_reference_value_and_gradient(name: str, value: str) -> None:
     dar = DARConfig(mode="ddl", ddl_value=value)
-    model = _patched_copy(tiny_gpt(name, n_layer=3).double(), dar).double()
+    model = patched_copy(tiny_gpt(name, n_layer=3).double(), dar).double()
     _randomize_rule(model)
     idx = torch.randint(0, 96, (2, 7))
 
@@ -249,7 +234,7 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     base = tiny_gpt("pythia-14m")
-    plain, ckpt = _patched_copy(base, _ddl(1)), _patched_copy(base, _ddl(1))
+    plain, ckpt = patched_copy(base, _ddl(1)), patched_copy(base, _ddl(1))
     for model in (plain, ckpt):
         _randomize_rule(model)
         lit_dar.enable_routing_stats(model)

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, MODES, tiny_config, tiny_gpt
+from conftest import ARCHITECTURES, MODES, decode, patched_copy, tiny_config, tiny_gpt
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -12,11 +12,6 @@ import lit_dar
 from lit_dar import DARConfig, patch_model
 from lit_dar.patch import DARBlock, DARGPT
 
-
-def _patched_copy(base: GPT, dar: DARConfig) -> GPT:
-    model = GPT(base.config)
-    model.load_state_dict(base.state_dict())
-    return patch_model(model, dar)
 
 
 def _randomize_routing(model: GPT, seed: int = 0) -> None:
@@ -42,7 +37,7 @@ def test_identity_at_init(name: str) -> None:
     idx = torch.randint(0, 96, (2, 12))
     expected = base(idx)
     for mode in ("delta", "delta_block"):
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2, gate="scalar", null_source=mode == "delta"))
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2, gate="scalar", null_source=mode == "delta"))
         assert isinstance(model, GPT) and all(isinstance(b, Block) for b in model.transformer.h)
         assert (model(idx) - expected).abs().max().item() <= 1e-6
 
@@ -52,7 +47,7 @@ def test_forward_backward_every_mode(name: str) -> None:
     base = tiny_gpt(name)
     idx = torch.randint(0, 96, (2, 12))
     for mode in MODES:
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2))
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2))
         _randomize_routing(model)
         loss = nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.roll(-1, 1).flatten())
         loss.backward()
@@ -60,16 +55,6 @@ def test_forward_backward_every_mode(name: str) -> None:
         for pname, p in model.dar.named_parameters():
             assert p.grad is not None and p.grad.abs().sum() > 0, (mode, pname)
 
-
-def _decode(model: GPT, idx: torch.Tensor, prompt: int = 6) -> torch.Tensor:
-    """Prefill ``prompt`` tokens, then decode the rest one at a time with the KV cache."""
-    with torch.no_grad():
-        model.set_kv_cache(batch_size=idx.shape[0])
-        steps = [model(idx[:, :prompt], input_pos=torch.arange(prompt))]
-        for t in range(prompt, idx.shape[1]):
-            steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), input_pos_maxp1=t + 1))
-        model.clear_kv_cache()
-    return torch.cat(steps, dim=1)
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -83,11 +68,11 @@ def test_kv_cache_decoding_matches_full_forward(name: str) -> None:
     base = tiny_gpt(name, **overrides).double()
     idx = torch.randint(0, 96, (2, 10))
     for mode in MODES:
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2, null_source=True)).double().eval()
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2, null_source=True)).double().eval()
         _randomize_routing(model)
         with torch.no_grad():
             full = model(idx)
-        cached = _decode(model, idx)
+        cached = decode(model, idx)
         assert torch.equal(cached.argmax(-1), full.argmax(-1)), mode
         assert (cached - full).abs().max().item() <= 1e-10, mode
 
@@ -96,11 +81,11 @@ def test_kv_cache_decoding_fp32() -> None:
     base = tiny_gpt("Qwen3-0.6B")
     idx = torch.randint(0, 96, (2, 10))
     for mode in MODES:
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2)).eval()
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2)).eval()
         _randomize_routing(model)
         with torch.no_grad():
             full = model(idx)
-        cached = _decode(model, idx)
+        cached = decode(model, idx)
         assert torch.equal(cached.argmax(-1), full.argmax(-1)) and (cached - full).abs().max().item() <= 1e-5, mode
 
 
@@ -108,8 +93,8 @@ def test_kv_cache_decoding_with_closed_gate_equals_litgpt_gemma2() -> None:
     base = tiny_gpt("gemma-2-2b").eval()
     idx = torch.randint(0, 96, (2, 10))
     for mode in ("delta", "delta_block"):
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2, gate="scalar")).eval()
-        assert torch.equal(_decode(model, idx), _decode(base, idx))
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2, gate="scalar")).eval()
+        assert torch.equal(decode(model, idx), decode(base, idx))
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -117,7 +102,7 @@ def test_state_dict_round_trip(name: str, tmp_path: Path) -> None:
     base = tiny_gpt(name)
     idx = torch.randint(0, 96, (1, 8))
     for mode in MODES:
-        model = _patched_copy(base, DARConfig(mode=mode, num_blocks=2))
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2))
         _randomize_routing(model)
         lit_dar.save_checkpoint(model, tmp_path / mode)
         loaded = lit_dar.load_model(tmp_path / mode)
@@ -213,7 +198,7 @@ def reference_forward(model: GPT, idx: torch.Tensor, dar: DARConfig) -> torch.Te
 def test_matches_reference_value_and_gradient(name: str, mode: str, null_source: bool) -> None:
     base = tiny_gpt(name, n_layer=6).double()
     dar = DARConfig(mode=mode, num_blocks=3, gate=_gate(mode), null_source=null_source)
-    model = _patched_copy(base, dar).double()
+    model = patched_copy(base, dar).double()
     _randomize_routing(model)
     idx = torch.randint(0, 96, (2, 7))
 
@@ -229,7 +214,7 @@ def test_matches_reference_value_and_gradient(name: str, mode: str, null_source:
 
 def test_delta_block_sources_are_exact_block_deltas() -> None:
     """Source b of Delta Block is stream(end of block b) − stream(start of block b), not p(2b)−p(b)+p(0)."""
-    model = _patched_copy(tiny_gpt(n_layer=6), DARConfig(mode="delta_block", num_blocks=3))
+    model = patched_copy(tiny_gpt(n_layer=6), DARConfig(mode="delta_block", num_blocks=3))
     _randomize_routing(model)
     # the per-call op path hands each routed point its sources explicitly, so they can be inspected; the
     # default bank path computes the same values (test_matches_reference_value_and_gradient, test_perf_correctness)
@@ -259,7 +244,7 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
 
     base = tiny_gpt()
     for mode in MODES:
-        plain, ckpt = _patched_copy(base, DARConfig(mode=mode, num_blocks=2)), _patched_copy(base, DARConfig(mode=mode, num_blocks=2))
+        plain, ckpt = patched_copy(base, DARConfig(mode=mode, num_blocks=2)), patched_copy(base, DARConfig(mode=mode, num_blocks=2))
         _randomize_routing(plain)
         _randomize_routing(ckpt)
         apply_activation_checkpointing(ckpt, check_fn=lambda m: isinstance(m, Block))
@@ -274,7 +259,7 @@ def test_generate_with_litgpt() -> None:
     from litgpt.generate.base import generate
 
     # float64: the cached and the full forward round differently in fp32, which can flip a near-tie argmax
-    model = _patched_copy(tiny_gpt(), DARConfig(mode="delta")).double().eval()
+    model = patched_copy(tiny_gpt(), DARConfig(mode="delta")).double().eval()
     _randomize_routing(model)
     prompt = torch.randint(0, 96, (5,))
     model.set_kv_cache(batch_size=1)
