@@ -8,6 +8,7 @@ over batches, which would weight a short batch like a long one), gathered from e
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,6 +55,23 @@ class TokenNLL(MeanMetric):
 
     def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
         super().update(token_losses(logits, targets, self.ignore_index, self.chunk_rows))
+
+    def _apply(self, fn: Callable, exclude_state: Sequence[str] = "") -> "TokenNLL":
+        """Keep the zero defaults through ``Module.to_empty``.
+
+        Sharded strategies build the model on the meta device and materialise it with ``to_empty()`` on the
+        whole LightningModule (``lightning.fabric.utilities.init._materialize_distributed_module``);
+        torchmetrics applies that to the metric's states *and* defaults, which then hold uninitialised
+        memory: usually zeros, sometimes not, so a validation now and then logged a perplexity of 1.0 or
+        inf. The defaults are zeros by definition, and a metric without updates holds its defaults.
+        """
+        this = super()._apply(fn, exclude_state)
+        for key, default in this._defaults.items():
+            if key not in exclude_state:
+                this._defaults[key] = torch.zeros_like(default)
+        if this._update_count == 0:
+            this.reset()
+        return this
 
 
 __all__ = ["TokenNLL", "token_losses"]

@@ -242,16 +242,8 @@ def test_two_process_checkpoint_reloads_single_process(runs, strategy: str) -> N
     assert torch.equal(logits, torch.load(out / "logits.pt"))
 
 
-FSDP2_PPL_FLAKE = pytest.mark.xfail(
-    strict=False,
-    reason="Known intermittent issue, under investigation: in about 1 run in 6 the FSDP2 (ModelParallelStrategy, "
-    "gloo, CPU) validation logs a perplexity of 1.0 or inf while the same model reloaded gives the exact value; "
-    "a second trainer.validate() after fit shows it more often. DDP is exact every time.",
-)
-
-
 @two_processes
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=FSDP2_PPL_FLAKE)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_perplexity_equals_single_process(runs, strategy: str) -> None:
     from lit_dar.module import load_lightning_checkpoint
 

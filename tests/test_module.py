@@ -89,6 +89,27 @@ def test_token_nll_on_bf16_logits_is_exact_for_those_logits() -> None:
     assert abs(float(metric.compute().exp() / reference.exp()) - 1) < 1e-6
 
 
+def test_token_nll_survives_meta_device_materialisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharded strategies materialise the module with ``to_empty()``, which torchmetrics applies to the metric's
+    states and defaults: uninitialised memory, here made visible by filling every "empty" tensor with 7.
+    Under FSDP2 this logged a perplexity of 1.0 or inf in about one validation in six."""
+    from lightning.fabric.utilities.init import _materialize_distributed_module
+
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kwargs: empty_like(t, **kwargs).fill_(7))
+    module = LitGPTModule(tiny_config())
+    with torch.device("meta"):
+        module.model = GPT(tiny_config())
+    _materialize_distributed_module(module, torch.device("cpu"))
+    assert module.val_nll.weight == 0 and module.val_nll.mean_value == 0
+
+    logits, targets = torch.randn(2, 5, 128), torch.randint(0, 128, (2, 5))
+    for _ in range(2):  # the first epoch, and after a reset (which restores the defaults)
+        module.val_nll.update(logits, targets)
+        torch.testing.assert_close(module.val_nll.compute(), F.cross_entropy(logits.double().flatten(0, 1), targets.flatten()))
+        module.val_nll.reset()
+
+
 def test_lr_schedule_is_litgpts_get_lr() -> None:
     for step in [0, 1, 9, 10, 11, 50, 99, 100, 150]:
         assert lr_factor(step, 10, 100, 0.1) * 4e-4 == pytest.approx(get_lr(4e-4, step, 10, 100, 4e-5))
