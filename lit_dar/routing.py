@@ -17,6 +17,7 @@ Everything a routed sublayer needs lives here:
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
@@ -123,10 +124,11 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 #
 # The routed points of one forward all read prefixes of the same growing list of sources. The bank stores
 # that list once, token-major (``values[t, i]`` = source ``i`` at token ``t``), in fp32, together with each
-# source's inverse RMS (computed once, when the source is completed). A routed point over the first ``n``
-# sources is then two batched passes over ``values[:, :n]`` forward (logits, mixture) and two backward
-# (``dα = U·g``, ``grad[:, :n] += α ⊗ g``); nothing is stacked, and nothing per routed point is saved but
-# its logits (``n`` numbers per token).
+# source's inverse RMS and its dot with every routed point's query (computed once, when the source is
+# completed). A routed point over the first ``n`` sources is then one batched pass over ``values[:, :n]``
+# forward (the mixture, fused with the stream and the gate: ``h = s + Σ_i (g·α_i) u_i`` in one
+# ``baddbmm``) and two backward (``dα = U·g``, ``grad[:, :n] += g·α ⊗ g_h``); nothing is stacked, and
+# nothing per routed point is saved.
 #
 # The gradient terms that go through a source's key (``∂logit/∂u_i = q·inv_i − dot·inv_i³·u_i/D``) are
 # not applied per routed point (that would be more passes over all ``n`` sources): each routed point
@@ -134,7 +136,8 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 # own backward node (``_Emit``, run after every routed point that read it, because each of those takes the
 # source's token as input) applies them once per source: ``inv·(coef_q @ Q) − coef_u·inv³/D·u``, and
 # returns ``coef_qᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The grad bank likewise turns
-# the ``n`` gradients per routed point into one in-place accumulation (no O(L²) gradient tensors).
+# the ``n`` gradients per routed point into one in-place accumulation (no O(L²) gradient tensors). The
+# buffers come from a per-router pool (:class:`BufferPool`), so steady-state training maps no new memory.
 #
 # Bank writes go through ``.data``: a source slot is written once (again, with the same values, when
 # activation checkpointing replays a block), never changed after a routed point has read it, so the
@@ -147,40 +150,105 @@ def _no_autocast(device: torch.device):
     return nullcontext()
 
 
+class BufferPool:
+    """Spare bank buffers, reused by the next forward.
+
+    A bank is tens of MB (Delta at d 512, L 12 and 1024 tokens: 52 MB of sources, as much again for their
+    gradients). Allocated fresh on every step, blocks that large are mapped and unmapped by the CPU
+    allocator each time, and the first touch of every page faults, which cost about as much as the
+    routing itself. A bank's buffers return here when the bank is garbage collected, i.e. when its
+    autograd graph is freed; while a graph lives (``retain_graph``, several forwards before a backward)
+    its buffers stay with it.
+    """
+
+    def __init__(self, spares: int = 2) -> None:
+        self.spares = spares
+        self._free: dict[tuple, list[Tensor]] = {}
+
+    def empty(self, owner: object, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor that comes back to the pool when ``owner`` is garbage collected."""
+        key = (shape, dtype, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
+        free = self._free.get(key)
+        t = free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+        weakref.finalize(owner, self._give_back, key, t)
+        return t
+
+    def _give_back(self, key: tuple, t: Tensor) -> None:
+        free = self._free.setdefault(key, [])
+        if len(free) < self.spares:
+            free.append(t)
+
+
 class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
-    def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float) -> None:
+    def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None) -> None:
         D = x0.shape[-1]
         dtype = _compute_dtype(x0.dtype)
         self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
         self.lead = math.prod(x0.shape[:-1])
-        self.values = torch.empty(self.lead, capacity, D, dtype=dtype, device=x0.device)
-        self.inv_rms = torch.empty(self.lead, capacity, dtype=dtype, device=x0.device)
+        self.pool = pool or BufferPool(spares=0)
+        opts = dict(dtype=dtype, device=x0.device)
+        self.values = self.pool.empty(self, self.lead, capacity, D, **opts)
+        self.inv_rms = self.pool.empty(self, self.lead, capacity, **opts)
         self.queries = queries.detach()  # (R, D), q_k = query_k ∘ key_gain_k
         # dots[t, i, k] = u_i · q_k for every routed point k, computed once per source by one GEMM: a
         # routed point's logits are then dots[:, :n, k] · inv_rms[:, :n], without a pass over its sources
-        self.dots = torch.empty(self.lead, capacity, queries.shape[0], dtype=dtype, device=x0.device)
-        self.grad: Tensor | None = None  # (lead, S, D): Σ_k α_ki g_k
+        self.dots = self.pool.empty(self, self.lead, capacity, queries.shape[0], **opts)
+        self.grad: Tensor | None = None  # (lead, S, D): Σ_k w_ki g_k, valid in slots [0, ready)
         self.coef_q: Tensor | None = None  # (lead, S, R): dlogit_ki
-        self.coef_u: Tensor | None = None  # (lead, S): Σ_k dlogit_ki · dot_ki
+        self.coef_u: Tensor | None = None  # (lead, S): Σ_k dlogit_ki · dot_ki, valid in slots [0, ready)
+        self.ready = 0
 
     def write(self, i: int, u: Tensor) -> None:
         x = u.detach().reshape(self.lead, -1)
         with torch.no_grad(), _no_autocast(x.device):
             self.values.data[:, i].copy_(x)
             xf = self.values.data[:, i]
-            self.inv_rms.data[:, i] = torch.rsqrt(xf.pow(2).mean(-1) + self.eps)
-            self.dots.data[:, i] = xf @ self.queries.t().to(xf.dtype)
+            norm = torch.linalg.vector_norm(xf, dim=-1)
+            self.inv_rms.data[:, i] = torch.rsqrt(norm.square_().div_(xf.shape[-1]).add_(self.eps))
+            torch.mm(xf, self.queries.t().to(xf.dtype), out=self.dots.data[:, i])
 
-    def _buffers(self) -> tuple[Tensor, Tensor, Tensor]:
+    def accumulate(self, n: int, k: int, w: Tensor, g: Tensor, d_logit: Tensor) -> None:
+        """Leave routed point ``k``'s gradient for its ``n`` sources: ``w_i·g`` (value path) and ``dlogit_i``
+        (key path, applied by the source's own backward).
+
+        Backward visits routed points from the last, which reads the most sources, so the first call
+        writes the slots it reads and later ones accumulate into them: the ``(lead, S, D)`` buffer is
+        never zero-filled.
+        """
         if self.grad is None:
             lead, S, D = self.values.shape
             opts = dict(dtype=self.values.dtype, device=self.values.device)
-            self.grad = torch.zeros(lead, S, D, **opts)
-            self.coef_q = torch.zeros(lead, S, self.queries.shape[0], **opts)
-            self.coef_u = torch.zeros(lead, S, **opts)
-        return self.grad, self.coef_q, self.coef_u  # type: ignore[return-value]
+            self.grad = self.pool.empty(self, lead, S, D, **opts)
+            self.coef_q = self.pool.empty(self, lead, S, self.queries.shape[0], **opts).zero_()
+            self.coef_u = self.pool.empty(self, lead, S, **opts)
+        m = min(n, self.ready)
+        w, g, dots = w.unsqueeze(-1), g.unsqueeze(1), self.dots[:, :n, k]
+        if m:
+            self.grad[:, :m].addcmul_(w[:, :m], g)
+            self.coef_u[:, :m].addcmul_(d_logit[:, :m], dots[:, :m])
+        if n > m:
+            torch.mul(w[:, m:], g, out=self.grad[:, m:n])
+            torch.mul(d_logit[:, m:], dots[:, m:], out=self.coef_u[:, m:n])
+        self.coef_q[:, :n, k] = d_logit
+        self.ready = max(self.ready, n)
+
+    def release(self, i: int, u: Tensor, queries_grad: bool) -> tuple[Tensor | None, Tensor | None]:
+        """Source ``i``'s gradient (value and key paths of every routed point that read it) and its part of
+        the stacked queries' gradient; ``None`` if no routed point that read it received a gradient."""
+        if i >= self.ready:
+            return None, None
+        inv = self.inv_rms[:, i].unsqueeze(-1)
+        coef = self.coef_q[:, i] * inv  # (lead, R)
+        grad = torch.addmm(self.grad[:, i], coef, self.queries.to(coef.dtype))
+        grad.addcmul_(self.coef_u[:, i].unsqueeze(-1) * inv.pow(3), u, value=-1.0 / u.shape[-1])
+        d_queries = coef.t() @ u if queries_grad else None
+        # sources are released last to first: the slots below stay valid, and a second backward through a
+        # retained graph starts from empty buffers again
+        self.ready = i
+        self.coef_q[:, i].zero_()
+        return grad, d_queries
 
 
 def _extra_terms(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -204,19 +272,25 @@ def _bank_logits(dots: Tensor, inv_rms: Tensor, n: int, k: int, q: Tensor, pre: 
     return torch.cat(parts, -1)
 
 
-def _bank_mix(values: Tensor, alpha: Tensor, n: int, pre: Tensor | None, post: Tensor | None) -> Tensor:
-    """Mixture ``(lead, D)``: one pass over the bank's first ``n`` sources."""
+def _bank_mix(values: Tensor, w: Tensor, n: int, pre: Tensor | None, post: Tensor | None,
+              base: Tensor | None) -> Tensor:
+    """``base + Σ_i w_i u_i`` ``(lead, D)``: one pass over the bank's first ``n`` sources."""
     o = int(pre is not None)
-    out = torch.bmm(alpha[:, o : o + n].unsqueeze(1), values[:, :n]).squeeze(1)
+    if n == 1:  # one source (the first sublayers of Delta Block): no per-token matrix product
+        out = values[:, 0] * w[:, o : o + 1] if base is None else torch.addcmul(base, w[:, o : o + 1], values[:, 0])
+    elif base is None:
+        out = torch.bmm(w[:, o : o + n].unsqueeze(1), values[:, :n]).squeeze(1)
+    else:
+        out = torch.baddbmm(base.unsqueeze(1), w[:, o : o + n].unsqueeze(1), values[:, :n]).squeeze(1)
     if pre is not None:
-        out = out + alpha[:, :1] * pre
+        out = out + w[:, :1] * pre
     if post is not None:
-        out = out + alpha[:, -1:] * post
+        out = out + w[:, -1:] * post
     return out
 
 
 class _Emit(torch.autograd.Function):
-    """Write a completed source into the bank; its backward applies the deferred key-path gradient.
+    """Write a completed source into the bank; its backward applies the deferred gradient.
 
     Returns an empty *token*: every routed point that reads the source takes the token as an input, so
     autograd runs this node's backward only after all of theirs.
@@ -232,55 +306,53 @@ class _Emit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _token: Tensor):  # type: ignore[override]
         bank, i = ctx.bank, ctx.i
-        if bank.grad is None:  # no routed point received a gradient
+        values, _ = ctx.saved_tensors
+        with _no_autocast(values.device):
+            grad, d_queries = bank.release(i, values[:, i], ctx.needs_input_grad[3])
+        if grad is None:
             return None, None, None, None
-        values, inv_rms = ctx.saved_tensors
-        u, inv = values[:, i], inv_rms[:, i].unsqueeze(-1)
-        with _no_autocast(u.device):
-            coef = bank.coef_q[:, i]
-            grad = bank.grad[:, i] + inv * (coef @ bank.queries.to(coef.dtype))
-            grad = grad.sub_((bank.coef_u[:, i].unsqueeze(-1) * inv.pow(3) / u.shape[-1]) * u)
-            d_queries = (coef.t() @ (inv * u)).to(bank.queries.dtype) if ctx.needs_input_grad[3] else None
-        # a second backward through a retained graph starts from zero again
-        bank.grad[:, i].zero_()
-        bank.coef_q[:, i].zero_()
-        bank.coef_u[:, i].zero_()
+        d_queries = None if d_queries is None else d_queries.to(bank.queries.dtype)
         return None, None, grad.view(bank.shape).to(ctx.u_dtype), d_queries
 
 
 class _BankRoute(torch.autograd.Function):
-    """One routed point over the bank's first ``n`` sources (plus an optional null and partial source)."""
+    """One routed point, fused with how its mixture enters the sublayer.
+
+    ``h = stream + gate · Σ_i α_i u_i`` (additive modes; ``gate`` may be ``None``) or ``h = Σ_i α_i u_i``
+    (``stream=None``, replacement modes) over the bank's first ``n`` sources plus an optional null
+    (``pre``) and partial (``post``) source. The gate is folded into the weights (``w = g·α``), so the
+    stream, the gate and the mixture cost no pass of their own, forward or backward.
+    """
 
     @staticmethod
     def forward(ctx, q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,  # type: ignore[override]
-                stats: dict | None, *tokens: Tensor) -> Tensor:
-        out, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stats)
-        ctx.bank, ctx.n, ctx.k = bank, n, k
+                stream: Tensor | None, gate: Tensor | None, stats: dict | None, *tokens: Tensor) -> Tensor:
+        out, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stream, gate, stats)
+        ctx.bank, ctx.n, ctx.k, ctx.additive = bank, n, k, stream is not None
         ctx.dtypes = (None if pre is None else pre.dtype, None if post is None else post.dtype)
-        ctx.save_for_backward(q, bank.values, bank.inv_rms, bank.dots, pre_f, post_f)
+        ctx.save_for_backward(q, bank.values, bank.inv_rms, bank.dots, pre_f, post_f, gate)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         bank, n, k = ctx.bank, ctx.n, ctx.k
-        q, values, inv_rms, dots, pre, post = ctx.saved_tensors
+        q, values, inv_rms, dots, pre, post, gate = ctx.saved_tensors
         with _no_autocast(q.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
-            U = values[:, :n]
             alpha = torch.softmax(_bank_logits(dots, inv_rms, n, k, q, pre, post, bank.eps), -1)
             o = int(pre is not None)
-            d_alpha = [torch.bmm(U, g.unsqueeze(-1)).squeeze(-1)]
+            dw = [torch.bmm(g.unsqueeze(1), values[:, :n].transpose(1, 2)).squeeze(1)]  # dw_i = u_i · g
             if pre is not None:
-                d_alpha.insert(0, (g @ pre).unsqueeze(-1))
+                dw.insert(0, (g @ pre).unsqueeze(-1))
             if post is not None:
-                d_alpha.append((g * post).sum(-1, keepdim=True))
-            d_alpha = torch.cat(d_alpha, -1) if len(d_alpha) > 1 else d_alpha[0]
+                dw.append((g * post).sum(-1, keepdim=True))
+            dw = torch.cat(dw, -1) if len(dw) > 1 else dw[0]
+            d_gate = (alpha * dw).sum().to(gate.dtype) if gate is not None and ctx.needs_input_grad[7] else None
+            g_ = 1.0 if gate is None else gate.to(alpha.dtype)
+            d_alpha = dw * g_
             d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
-            grad, coef_q, coef_u = bank._buffers()
-            dl = d_logit[:, o : o + n]
-            grad[:, :n].addcmul_(alpha[:, o : o + n].unsqueeze(-1), g.unsqueeze(1))
-            coef_q[:, :n, k] = dl
-            coef_u[:, :n].addcmul_(dl, dots[:, :n, k])
+            w = alpha * g_
+            bank.accumulate(n, k, w[:, o : o + n], g, d_logit[:, o : o + n])
             d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
             d_pre = d_post = None
             D = q.shape[-1]
@@ -288,7 +360,7 @@ class _BankRoute(torch.autograd.Function):
                 if x is None:
                     continue
                 inv_e, dot_e = _extra_terms(x, q, bank.eps)
-                a, d = alpha[:, col].unsqueeze(-1), d_logit[:, col].unsqueeze(-1)
+                a, d = w[:, col].unsqueeze(-1), d_logit[:, col].unsqueeze(-1)
                 c = d * inv_e.unsqueeze(-1) if not is_pre else d * inv_e
                 cu = d * dot_e.unsqueeze(-1) * inv_e.pow(3).unsqueeze(-1) / D if not is_pre else d * dot_e * inv_e.pow(3) / D
                 if is_pre:
@@ -299,7 +371,9 @@ class _BankRoute(torch.autograd.Function):
                     d_post = (a * g + c * q - cu * x).view(bank.shape).to(ctx.dtypes[1])
                     if d_q is not None:
                         d_q += (c * x).sum(0)
-        return (d_q, None, None, None, d_pre, d_post, None, *([None] * (len(ctx.needs_input_grad) - 7)))
+        d_stream = grad_out if ctx.additive else None  # h = stream + …: the stream's gradient is h's
+        return (d_q, None, None, None, d_pre, d_post, d_stream, d_gate, None,
+                *([None] * (len(ctx.needs_input_grad) - 9)))
 
 
 def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None:
@@ -310,21 +384,25 @@ def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None
 
 
 def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
+                  stream: Tensor | None, gate: Tensor | None,
                   stats: dict | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Mixture (in the stream's shape and dtype) and the extra sources in the compute dtype."""
+    """The sublayer input (in the stream's shape and dtype) and the extra sources in the compute dtype."""
     with _no_autocast(q.device):
-        post_f = None if post is None else post.reshape(bank.lead, -1).to(bank.values.dtype)
-        pre_f = None if pre is None else pre.to(bank.values.dtype)
+        dtype = bank.values.dtype
+        post_f = None if post is None else post.reshape(bank.lead, -1).to(dtype)
+        pre_f = None if pre is None else pre.to(dtype)
         alpha = torch.softmax(_bank_logits(bank.dots, bank.inv_rms, n, k, q, pre_f, post_f, bank.eps), -1)
-        out = _bank_mix(bank.values, alpha, n, pre_f, post_f)
+        w = alpha if gate is None else alpha * gate.to(dtype)
+        base = None if stream is None else stream.reshape(bank.lead, -1).to(dtype)
+        out = _bank_mix(bank.values, w, n, pre_f, post_f, base)
     if stats is not None:
         stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
     return out.view(bank.shape).to(bank.out_dtype), pre_f, post_f
 
 
 def _bank_route_no_grad(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
-                        stats: dict | None) -> Tensor:
-    return _bank_forward(q, bank, n, k, pre, post, stats)[0]
+                        stream: Tensor | None, gate: Tensor | None, stats: dict | None) -> Tensor:
+    return _bank_forward(q, bank, n, k, pre, post, stream, gate, stats)[0]
 
 
 def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int) -> Tensor:
@@ -518,6 +596,7 @@ class DepthRouter(nn.Module):
         # under torch.compile (inductor fuses it). All three compute the same function.
         self.implementation = "bank"
         self.config_dict: dict = {}  # what built this router; saved and checked with the weights
+        self._pool = BufferPool()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -570,7 +649,7 @@ class DepthRouter(nn.Module):
             dtype = _compute_dtype(x0.dtype)
             queries = self.query.to(dtype) * self.key_gain.to(dtype)
             capacity = 1 + sum(self.plan.closes_group)
-            bank = SourceBank(x0, capacity, queries, self.eps)
+            bank = SourceBank(x0, capacity, queries, self.eps, self._pool)
             token = _emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
         return RoutingState((x0,), None, stats)
@@ -582,16 +661,20 @@ class DepthRouter(nn.Module):
             raise ValueError(f"Unknown routing implementation {self.implementation!r}: use 'bank', 'op' or 'autograd'.")
         return False
 
-    def _route_state(self, k: int, state: RoutingState, final: bool = False) -> Tensor:
-        """The mixture of routed point ``k`` over what ``state`` makes visible to it."""
+    def _input(self, k: int, stream: Tensor, state: RoutingState, final: bool = False) -> Tensor:
+        """The input of routed point ``k``: its mixture over what ``state`` makes visible, combined with the stream."""
         if state.bank is None:
-            return self.route(k, state.final() if final else state.visible(self.plan), state.stats)
+            mixture = self.route(k, state.final() if final else state.visible(self.plan), state.stats)
+            return self.combine(k, stream, mixture)
         post = state.partial if (final or self.plan.see_partial) else None
         pre = self.null[k] if self.null is not None else None
+        stream = stream if self.plan.additive else None
+        gate = self.gate[k] if self.gate is not None and stream is not None else None
         if not torch.is_grad_enabled():  # decoding: the same math without autograd nodes
-            return _bank_route_no_grad(state.queries[k], state.bank, state.n_completed, k, pre, post, state.stats)
-        return _BankRoute.apply(state.queries[k], state.bank, state.n_completed, k, pre, post, state.stats,
-                                *state.tokens)
+            return _bank_route_no_grad(state.queries[k], state.bank, state.n_completed, k, pre, post, stream, gate,
+                                       state.stats)
+        return _BankRoute.apply(state.queries[k], state.bank, state.n_completed, k, pre, post, stream, gate,
+                                state.stats, *state.tokens)
 
     def layer(
         self,
@@ -608,19 +691,19 @@ class DepthRouter(nn.Module):
         """
         plan, pair = self.plan, (2 * layer, 2 * layer + 1)
         if plan.parallel:  # both sublayers read the sources completed before this layer
-            outputs = [f(self.combine(j, stream, self._route_state(j, state))) for j, f in zip(pair, (attn, mlp))]
+            outputs = [f(self._input(j, stream, state)) for j, f in zip(pair, (attn, mlp))]
             for j, v in zip(pair, outputs):
                 stream, state = v + stream, state.emit(plan, j, v)
             return stream, state
         for j, f in zip(pair, (attn, mlp)):
-            v = f(self.combine(j, stream, self._route_state(j, state)))
+            v = f(self._input(j, stream, state))
             stream, state = v + stream, state.emit(plan, j, v)
         return stream, state
 
     def finish(self, stream: Tensor, state: RoutingState) -> Tensor:
         """The hidden state fed to the final norm: the stream, or its own routed mixture (AttnRes)."""
         if self.plan.route_final:
-            stream = self._route_state(self.plan.n_routes - 1, state, final=True)
+            stream = self._input(self.plan.n_routes - 1, stream, state, final=True)
         if state.stats is not None:
             self.last_weights = [state.stats[k] for k in sorted(state.stats)]
         return stream
@@ -647,6 +730,7 @@ def summarize_weights(alpha: Tensor) -> dict[str, Tensor]:
 
 __all__ = [
     "MODES",
+    "BufferPool",
     "DepthRouter",
     "RoutingPlan",
     "RoutingState",

@@ -61,28 +61,33 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=f"{impl} {name}")
 
 
-def _bank_route(sources, q, pre=None, post=None, eps=1e-6):
+def _bank_route(sources, q, pre=None, post=None, stream=None, gate=None, eps=1e-6):
     """One routed point over ``sources`` through the bank path (as the router runs it)."""
     bank = SourceBank(sources[0], len(sources), q.unsqueeze(0), eps)
     tokens = [routing._Emit.apply(bank, i, u, q.unsqueeze(0)) for i, u in enumerate(sources)]
-    return routing._BankRoute.apply(q, bank, len(sources), 0, pre, post, None, *tokens)
+    return routing._BankRoute.apply(q, bank, len(sources), 0, pre, post, stream, gate, None, *tokens)
 
 
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("extras", [False, True])
-def test_bank_route_gradcheck(n: int, extras: bool) -> None:
+@pytest.mark.parametrize("combine", ["replace", "add", "gate"])
+def test_bank_route_gradcheck(n: int, extras: bool, combine: str) -> None:
+    """The fused op: ``h = s + g·Σ α_i u_i`` (or ``s + Σ``, or the mixture alone), gradients of every input."""
     g = torch.Generator().manual_seed(n)
     sources = [torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n)]
     q = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     pre = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True) if extras else None
     post = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) if extras else None
-    inputs = (q, *sources) + ((pre, post) if extras else ())
+    stream = torch.randn(2, 3, 8, generator=g, dtype=torch.float64, requires_grad=True) if combine != "replace" else None
+    gate = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if combine == "gate" else None
+    optional = [t for t in (pre, post, stream, gate) if t is not None]
 
     def op(q, *rest):
-        srcs, ex = (rest[:-2], rest[-2:]) if extras else (rest, (None, None))
+        srcs, it = rest[:n], iter(rest[n:])
+        ex = [next(it) if t is not None else None for t in (pre, post, stream, gate)]
         return _bank_route(list(srcs), q, *ex)
 
-    torch.autograd.gradcheck(op, inputs, eps=1e-6, atol=1e-8)
+    torch.autograd.gradcheck(op, (q, *sources, *optional), eps=1e-6, atol=1e-8)
 
 
 def test_bank_route_matches_reference_and_op() -> None:
@@ -157,6 +162,30 @@ def test_retain_graph_second_backward() -> None:
     second = torch.autograd.grad(out, list(model.parameters()))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+def test_bank_buffers_are_reused_only_once_their_graph_is_freed() -> None:
+    """The router's pool hands a freed bank's buffers to the next forward; two live graphs never share them."""
+    model = _model("delta", dtype=torch.float64)
+    _randomize_routing(model)
+    a, b = torch.randint(0, 64, (2, 5)), torch.randint(0, 64, (2, 5))
+
+    def grads(*batches):
+        model.zero_grad(set_to_none=True)
+        losses = [model(x).sum() for x in batches]  # all graphs alive at once (gradient accumulation)
+        for loss in losses:
+            loss.backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    separately = [x + y for x, y in zip(grads(a), grads(b))]
+    for x, y in zip(grads(a, b), separately):
+        torch.testing.assert_close(x, y)
+
+    pool = model.dar._pool
+    assert pool._free, "a freed bank's buffers wait in the pool"
+    spare = {t.data_ptr() for ts in pool._free.values() for t in ts}
+    state = model.dar.start(torch.randn(2, 5, model.config.n_embd, dtype=torch.float64))
+    assert state.bank.values.data_ptr() in spare
 
 
 def test_bf16_autocast_routing_in_fp32() -> None:
