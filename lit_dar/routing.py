@@ -327,19 +327,19 @@ class _BankRoute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,  # type: ignore[override]
                 stream: Tensor | None, gate: Tensor | None, stats: dict | None, *tokens: Tensor) -> Tensor:
-        out, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stream, gate, stats)
+        out, alpha, pre_f, post_f = _bank_forward(q, bank, n, k, pre, post, stream, gate, stats)
         ctx.bank, ctx.n, ctx.k, ctx.additive = bank, n, k, stream is not None
         ctx.dtypes = (None if pre is None else pre.dtype, None if post is None else post.dtype)
-        ctx.save_for_backward(q, bank.values, bank.inv_rms, bank.dots, pre_f, post_f, gate)
+        # the weights are n numbers per token: kept, not recomputed
+        ctx.save_for_backward(q, bank.values, alpha, pre_f, post_f, gate)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         bank, n, k = ctx.bank, ctx.n, ctx.k
-        q, values, inv_rms, dots, pre, post, gate = ctx.saved_tensors
+        q, values, alpha, pre, post, gate = ctx.saved_tensors
         with _no_autocast(q.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
-            alpha = torch.softmax(_bank_logits(dots, inv_rms, n, k, q, pre, post, bank.eps), -1)
             o = int(pre is not None)
             dw = [torch.bmm(g.unsqueeze(1), values[:, :n].transpose(1, 2)).squeeze(1)]  # dw_i = u_i · g
             if pre is not None:
@@ -353,7 +353,8 @@ class _BankRoute(torch.autograd.Function):
             d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
             w = alpha * g_
             bank.accumulate(n, k, w[:, o : o + n], g, d_logit[:, o : o + n])
-            d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None
+            # the bank sources' part of the query gradient comes from their own backward (_Emit)
+            d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] and (pre is not None or post is not None) else None
             d_pre = d_post = None
             D = q.shape[-1]
             for x, col, is_pre in ((pre, 0, True), (post, -1, False)):
@@ -385,8 +386,9 @@ def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None
 
 def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
                   stream: Tensor | None, gate: Tensor | None,
-                  stats: dict | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """The sublayer input (in the stream's shape and dtype) and the extra sources in the compute dtype."""
+                  stats: dict | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The sublayer input (in the stream's shape and dtype), the weights, and the extra sources in the
+    compute dtype."""
     with _no_autocast(q.device):
         dtype = bank.values.dtype
         post_f = None if post is None else post.reshape(bank.lead, -1).to(dtype)
@@ -397,7 +399,7 @@ def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | Non
         out = _bank_mix(bank.values, w, n, pre_f, post_f, base)
     if stats is not None:
         stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
-    return out.view(bank.shape).to(bank.out_dtype), pre_f, post_f
+    return out.view(bank.shape).to(bank.out_dtype), alpha, pre_f, post_f
 
 
 def _bank_route_no_grad(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
