@@ -127,17 +127,17 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 # source's inverse RMS and its dot with every routed point's query (computed once, when the source is
 # completed). A routed point over the first ``n`` sources is then one batched pass over ``values[:, :n]``
 # forward (the mixture, fused with the stream and the gate: ``h = s + Σ_i (g·α_i) u_i`` in one
-# ``baddbmm``) and two backward (``dα = U·g``, ``grad[:, :n] += g·α ⊗ g_h``); nothing is stacked, and
-# nothing per routed point is saved.
+# ``baddbmm``) and one backward (``dα = U·g``); nothing is stacked, and nothing per routed point is saved
+# but its weights (``n`` numbers per token).
 #
-# The gradient terms that go through a source's key (``∂logit/∂u_i = q·inv_i − dot·inv_i³·u_i/D``) are
-# not applied per routed point (that would be more passes over all ``n`` sources): each routed point
-# leaves its ``dlogit`` (n per token) in ``coef_q`` and ``Σ dlogit·dot`` in ``coef_u``, and the source's
-# own backward node (``_Emit``, run after every routed point that read it, because each of those takes the
-# source's token as input) applies them once per source: ``inv·(coef_q @ Q) − coef_u·inv³/D·u``, and
-# returns ``coef_qᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The grad bank likewise turns
-# the ``n`` gradients per routed point into one in-place accumulation (no O(L²) gradient tensors). The
-# buffers come from a per-router pool (:class:`BufferPool`), so steady-state training maps no new memory.
+# A source's gradient is not accumulated routed point by routed point (``n`` read-modify-writes of a
+# gradient buffer each). A routed point's backward only leaves its gradient ``g_k`` and, per source, its
+# weight ``w_ki`` and ``dlogit_ki``; the source's own backward node (``_Emit``, run after every routed point
+# that read it, because each of those takes the source's token as input) then reads them once:
+# ``Σ_k w_ki g_k`` (one batched pass over the readers' ``g_k``) plus the terms through the source's key
+# (``∂logit/∂u = q·inv − dot·inv³·u/D``): ``inv·(dlogit @ Q) − inv³/D·(dlogit·dot)·u``, and returns
+# ``dlogitᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The buffers come from a per-router
+# pool (:class:`BufferPool`), so steady-state training maps no new memory.
 #
 # Bank writes go through ``.data``: a source slot is written once (again, with the same values, when
 # activation checkpointing replays a block), never changed after a routed point has read it, so the
@@ -195,10 +195,11 @@ class SourceBank:
         # dots[t, i, k] = u_i · q_k for every routed point k, computed once per source by one GEMM: a
         # routed point's logits are then dots[:, :n, k] · inv_rms[:, :n], without a pass over its sources
         self.dots = self.pool.empty(self, self.lead, capacity, queries.shape[0], **opts)
-        self.grad: Tensor | None = None  # (lead, S, D): Σ_k w_ki g_k, valid in slots [0, ready)
-        self.coef_q: Tensor | None = None  # (lead, S, R): dlogit_ki
-        self.coef_u: Tensor | None = None  # (lead, S): Σ_k dlogit_ki · dot_ki, valid in slots [0, ready)
-        self.ready = 0
+        # filled in backward, routed point by routed point (last first), and read by each source's backward
+        self.grads: Tensor | None = None  # (lead, R, D): g_k, the gradient arriving at routed point k
+        self.w: Tensor | None = None  # (lead, S, R): w_ki, the weight routed point k gave source i
+        self.d_logit: Tensor | None = None  # (lead, S, R): dlogit_ki
+        self.readers: dict[int, int] = {}  # routed points whose backward ran → how many sources they read
 
     def write(self, i: int, u: Tensor) -> None:
         x = u.detach().reshape(self.lead, -1)
@@ -209,45 +210,50 @@ class SourceBank:
             self.inv_rms.data[:, i] = torch.rsqrt(norm.square_().div_(xf.shape[-1]).add_(self.eps))
             torch.mm(xf, self.queries.t().to(xf.dtype), out=self.dots.data[:, i])
 
-    def accumulate(self, n: int, k: int, w: Tensor, g: Tensor, d_logit: Tensor) -> None:
-        """Leave routed point ``k``'s gradient for its ``n`` sources: ``w_i·g`` (value path) and ``dlogit_i``
-        (key path, applied by the source's own backward).
+    def receive(self, n: int, k: int, w: Tensor, g: Tensor, d_logit: Tensor) -> None:
+        """Keep routed point ``k``'s gradient ``g`` and, for each of its ``n`` sources, ``w_i`` and ``dlogit_i``.
 
-        Backward visits routed points from the last, which reads the most sources, so the first call
-        writes the slots it reads and later ones accumulate into them: the ``(lead, S, D)`` buffer is
-        never zero-filled.
+        A source's gradient is applied once, by its own backward (:meth:`release`), from all of its readers:
+        ``Σ_k w_ki g_k`` in one batched pass over their ``g_k``, rather than ``n`` read-modify-writes of a
+        gradient per routed point.
         """
-        if self.grad is None:
+        if self.grads is None:
             lead, S, D = self.values.shape
             opts = dict(dtype=self.values.dtype, device=self.values.device)
-            self.grad = self.pool.empty(self, lead, S, D, **opts)
-            self.coef_q = self.pool.empty(self, lead, S, self.queries.shape[0], **opts).zero_()
-            self.coef_u = self.pool.empty(self, lead, S, **opts)
-        m = min(n, self.ready)
-        w, g, dots = w.unsqueeze(-1), g.unsqueeze(1), self.dots[:, :n, k]
-        if m:
-            self.grad[:, :m].addcmul_(w[:, :m], g)
-            self.coef_u[:, :m].addcmul_(d_logit[:, :m], dots[:, :m])
-        if n > m:
-            torch.mul(w[:, m:], g, out=self.grad[:, m:n])
-            torch.mul(d_logit[:, m:], dots[:, m:], out=self.coef_u[:, m:n])
-        self.coef_q[:, :n, k] = d_logit
-        self.ready = max(self.ready, n)
+            R = self.queries.shape[0]
+            self.grads = self.pool.empty(self, lead, R, D, **opts)
+            self.w = self.pool.empty(self, lead, S, R, **opts)
+            self.d_logit = self.pool.empty(self, lead, S, R, **opts)
+        self.grads[:, k].copy_(g)
+        self.w[:, :n, k] = w
+        self.d_logit[:, :n, k] = d_logit
+        self.readers[k] = n
 
     def release(self, i: int, u: Tensor, queries_grad: bool) -> tuple[Tensor | None, Tensor | None]:
         """Source ``i``'s gradient (value and key paths of every routed point that read it) and its part of
-        the stacked queries' gradient; ``None`` if no routed point that read it received a gradient."""
-        if i >= self.ready:
+        the stacked queries' gradient; ``None`` if no routed point that read it received a gradient.
+
+        With ``q_k`` the query of reader ``k``, ``inv`` the source's inverse RMS and ``dot_k = u·q_k``:
+        ``Σ_k w_k g_k + inv·Σ_k dlogit_k q_k − inv³/D·(Σ_k dlogit_k dot_k)·u``.
+        """
+        ks = sorted(k for k, n in self.readers.items() if n > i)
+        if i == 0:  # the last source released: a second backward through a retained graph starts afresh
+            self.readers = {}
+        if not ks:
             return None, None
+        idx = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else torch.tensor(ks, device=u.device)
         inv = self.inv_rms[:, i].unsqueeze(-1)
-        coef = self.coef_q[:, i] * inv  # (lead, R)
-        grad = torch.addmm(self.grad[:, i], coef, self.queries.to(coef.dtype))
-        grad.addcmul_(self.coef_u[:, i].unsqueeze(-1) * inv.pow(3), u, value=-1.0 / u.shape[-1])
-        d_queries = coef.t() @ u if queries_grad else None
-        # sources are released last to first: the slots below stay valid, and a second backward through a
-        # retained graph starts from empty buffers again
-        self.ready = i
-        self.coef_q[:, i].zero_()
+        d_logit = self.d_logit[:, i, idx]
+        queries = self.queries[idx].to(u.dtype)
+        c = d_logit * inv  # (lead, readers): coefficient of q_k
+        grad = torch.bmm(self.w[:, i, idx].unsqueeze(1), self.grads[:, idx]).squeeze(1)
+        grad.addmm_(c, queries)
+        c_u = (d_logit * self.dots[:, i, idx]).sum(-1, keepdim=True) * inv.pow(3) / u.shape[-1]
+        grad.addcmul_(c_u, u, value=-1.0)
+        d_queries = None
+        if queries_grad:
+            d_queries = u.new_zeros(self.queries.shape)
+            d_queries[idx] = c.t() @ u
         return grad, d_queries
 
 
@@ -352,7 +358,7 @@ class _BankRoute(torch.autograd.Function):
             d_alpha = dw * g_
             d_logit = alpha * (d_alpha - (alpha * d_alpha).sum(-1, keepdim=True))
             w = alpha * g_
-            bank.accumulate(n, k, w[:, o : o + n], g, d_logit[:, o : o + n])
+            bank.receive(n, k, w[:, o : o + n], g, d_logit[:, o : o + n])
             # the bank sources' part of the query gradient comes from their own backward (_Emit)
             d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] and (pre is not None or post is not None) else None
             d_pre = d_post = None
