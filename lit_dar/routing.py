@@ -124,7 +124,7 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 #
 # The routed points of one forward all read prefixes of the same growing list of sources. The bank stores
 # that list once, token-major (``values[t, i]`` = source ``i`` at token ``t``), in fp32, together with each
-# source's inverse RMS and its dot with every routed point's query (computed once, when the source is
+# source's inverse RMS and its logit for every routed point, ``(u·q_k)·inv`` (computed once, when the source is
 # completed). A routed point over the first ``n`` sources is then one batched pass over ``values[:, :n]``
 # forward (the mixture, fused with the stream and the gate: ``h = s + Σ_i (g·α_i) u_i`` in one
 # ``baddbmm``) and one backward (``dα = U·g``); nothing is stacked, and nothing per routed point is saved
@@ -135,7 +135,7 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 # weight ``w_ki`` and ``dlogit_ki``; the source's own backward node (``_Emit``, run after every routed point
 # that read it, because each of those takes the source's token as input) then reads them once:
 # ``Σ_k w_ki g_k`` (one batched pass over the readers' ``g_k``) plus the terms through the source's key
-# (``∂logit/∂u = q·inv − dot·inv³·u/D``): ``inv·(dlogit @ Q) − inv³/D·(dlogit·dot)·u``, and returns
+# (``∂logit/∂u = q·inv − dot·inv³·u/D``): ``inv·(dlogit @ Q) − inv²/D·(dlogit·logit)·u``, and returns
 # ``dlogitᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The buffers come from a per-router
 # pool (:class:`BufferPool`), so steady-state training maps no new memory.
 #
@@ -192,9 +192,9 @@ class SourceBank:
         self.values = self.pool.empty(self, self.lead, capacity, D, **opts)
         self.inv_rms = self.pool.empty(self, self.lead, capacity, **opts)
         self.queries = queries.detach()  # (R, D), q_k = query_k ∘ key_gain_k
-        # dots[t, i, k] = u_i · q_k for every routed point k, computed once per source by one GEMM: a
-        # routed point's logits are then dots[:, :n, k] · inv_rms[:, :n], without a pass over its sources
-        self.dots = self.pool.empty(self, self.lead, capacity, queries.shape[0], **opts)
+        # logits[t, i, k] = (u_i · q_k) · inv_rms_i for every routed point k, computed once per source by one
+        # GEMM: a routed point's logits are then a slice, without a pass over its sources
+        self.logits = self.pool.empty(self, self.lead, capacity, queries.shape[0], **opts)
         # filled in backward, routed point by routed point (last first), and read by each source's backward
         self.grads: Tensor | None = None  # (lead, R, D): g_k, the gradient arriving at routed point k
         self.w: Tensor | None = None  # (lead, S, R): w_ki, the weight routed point k gave source i
@@ -208,7 +208,9 @@ class SourceBank:
             xf = self.values.data[:, i]
             norm = torch.linalg.vector_norm(xf, dim=-1)
             self.inv_rms.data[:, i] = torch.rsqrt(norm.square_().div_(xf.shape[-1]).add_(self.eps))
-            torch.mm(xf, self.queries.t().to(xf.dtype), out=self.dots.data[:, i])
+            logits = self.logits.data[:, i]
+            torch.mm(xf, self.queries.t().to(xf.dtype), out=logits)
+            logits.mul_(self.inv_rms.data[:, i].unsqueeze(-1))
 
     def receive(self, n: int, k: int, w: Tensor, g: Tensor, d_logit: Tensor) -> None:
         """Keep routed point ``k``'s gradient ``g`` and, for each of its ``n`` sources, ``w_i`` and ``dlogit_i``.
@@ -233,8 +235,8 @@ class SourceBank:
         """Source ``i``'s gradient (value and key paths of every routed point that read it) and its part of
         the stacked queries' gradient; ``None`` if no routed point that read it received a gradient.
 
-        With ``q_k`` the query of reader ``k``, ``inv`` the source's inverse RMS and ``dot_k = u·q_k``:
-        ``Σ_k w_k g_k + inv·Σ_k dlogit_k q_k − inv³/D·(Σ_k dlogit_k dot_k)·u``.
+        With ``q_k`` the query of reader ``k``, ``inv`` the source's inverse RMS and ``logit_k = (u·q_k)·inv``:
+        ``Σ_k w_k g_k + inv·Σ_k dlogit_k q_k − inv²/D·(Σ_k dlogit_k logit_k)·u``.
         """
         ks = sorted(k for k, n in self.readers.items() if n > i)
         if i == 0:  # the last source released: a second backward through a retained graph starts afresh
@@ -248,7 +250,7 @@ class SourceBank:
         c = d_logit * inv  # (lead, readers): coefficient of q_k
         grad = torch.bmm(self.w[:, i, idx].unsqueeze(1), self.grads[:, idx]).squeeze(1)
         grad.addmm_(c, queries)
-        c_u = (d_logit * self.dots[:, i, idx]).sum(-1, keepdim=True) * inv.pow(3) / u.shape[-1]
+        c_u = (d_logit * self.logits[:, i, idx]).sum(-1, keepdim=True) * inv.square() / u.shape[-1]
         grad.addcmul_(c_u, u, value=-1.0)
         d_queries = None
         if queries_grad:
@@ -262,10 +264,10 @@ def _extra_terms(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return torch.rsqrt(x.pow(2).mean(-1) + eps), x @ q
 
 
-def _bank_logits(dots: Tensor, inv_rms: Tensor, n: int, k: int, q: Tensor, pre: Tensor | None,
+def _bank_logits(bank_logits: Tensor, n: int, k: int, q: Tensor, pre: Tensor | None,
                  post: Tensor | None, eps: float) -> Tensor:
     """Logits ``(lead, [pre] + n + [post])`` of routed point ``k`` over the bank's first ``n`` sources."""
-    logits = dots[:, :n, k] * inv_rms[:, :n]
+    logits = bank_logits[:, :n, k]
     if pre is None and post is None:
         return logits
     parts = [logits]
@@ -399,7 +401,7 @@ def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | Non
         dtype = bank.values.dtype
         post_f = None if post is None else post.reshape(bank.lead, -1).to(dtype)
         pre_f = None if pre is None else pre.to(dtype)
-        alpha = torch.softmax(_bank_logits(bank.dots, bank.inv_rms, n, k, q, pre_f, post_f, bank.eps), -1)
+        alpha = torch.softmax(_bank_logits(bank.logits, n, k, q, pre_f, post_f, bank.eps), -1)
         w = alpha if gate is None else alpha * gate.to(dtype)
         base = None if stream is None else stream.reshape(bank.lead, -1).to(dtype)
         out = _bank_mix(bank.values, w, n, pre_f, post_f, base)
