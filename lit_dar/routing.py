@@ -20,7 +20,7 @@ import math
 import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -346,7 +346,7 @@ class _BankRoute(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         bank, n, k = ctx.bank, ctx.n, ctx.k
         q, values, alpha, pre, post, gate = ctx.saved_tensors
-        with _no_autocast(q.device):
+        with _no_autocast(values.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
             o = int(pre is not None)
             dw = [torch.bmm(g.unsqueeze(1), values[:, :n].transpose(1, 2)).squeeze(1)]  # dw_i = u_i · g
@@ -362,9 +362,9 @@ class _BankRoute(torch.autograd.Function):
             w = alpha * g_
             bank.receive(n, k, w[:, o : o + n], g, d_logit[:, o : o + n])
             # the bank sources' part of the query gradient comes from their own backward (_Emit)
-            d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] and (pre is not None or post is not None) else None
+            d_q = torch.zeros_like(q) if ctx.needs_input_grad[0] else None  # q is given only with pre or post
             d_pre = d_post = None
-            D = q.shape[-1]
+            D = values.shape[-1]
             for x, col, is_pre in ((pre, 0, True), (post, -1, False)):
                 if x is None:
                     continue
@@ -397,22 +397,22 @@ def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | Non
                   stats: dict | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """The sublayer input (in the stream's shape and dtype), the weights, and the extra sources in the
     compute dtype."""
-    with _no_autocast(q.device):
-        dtype = bank.values.dtype
-        post_f = None if post is None else post.reshape(bank.lead, -1).to(dtype)
-        pre_f = None if pre is None else pre.to(dtype)
+    values = bank.values
+    with _no_autocast(values.device):
+        dtype = values.dtype
+        post_f = None if post is None else _as(post.reshape(bank.lead, -1), dtype)
+        pre_f = None if pre is None else _as(pre, dtype)
         alpha = torch.softmax(_bank_logits(bank.logits, n, k, q, pre_f, post_f, bank.eps), -1)
-        w = alpha if gate is None else alpha * gate.to(dtype)
-        base = None if stream is None else stream.reshape(bank.lead, -1).to(dtype)
-        out = _bank_mix(bank.values, w, n, pre_f, post_f, base)
+        w = alpha if gate is None else alpha * gate
+        base = None if stream is None else _as(stream.reshape(bank.lead, -1), dtype)
+        out = _bank_mix(values, w, n, pre_f, post_f, base)
     if stats is not None:
         stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
-    return out.view(bank.shape).to(bank.out_dtype), alpha, pre_f, post_f
+    return _as(out.view(bank.shape), bank.out_dtype), alpha, pre_f, post_f
 
 
-def _bank_route_no_grad(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | None, post: Tensor | None,
-                        stream: Tensor | None, gate: Tensor | None, stats: dict | None) -> Tensor:
-    return _bank_forward(q, bank, n, k, pre, post, stream, gate, stats)[0]
+def _as(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int) -> Tensor:
@@ -564,12 +564,15 @@ class RoutingState:
 
     def emit(self, plan: RoutingPlan, j: int, output: Tensor) -> RoutingState:
         partial = output if self.partial is None else self.partial + output
+        # plain constructor calls: dataclasses.replace costs more than the routing of a decoded token
+        sources, tokens = self.sources, self.tokens
         if not plan.closes_group[j]:
-            return replace(self, partial=partial)
+            return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries)
         if self.bank is not None:
-            token = _emit(self.bank, len(self.tokens), partial, self.queries)
-            return replace(self, partial=None, tokens=(*self.tokens, token))
-        return replace(self, sources=(*self.sources, partial), partial=None)
+            tokens = (*tokens, _emit(self.bank, len(tokens), partial, self.queries))
+        else:
+            sources = (*sources, partial)
+        return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -680,11 +683,12 @@ class DepthRouter(nn.Module):
         pre = self.null[k] if self.null is not None else None
         stream = stream if self.plan.additive else None
         gate = self.gate[k] if self.gate is not None and stream is not None else None
+        # the bank holds the sources' logits; the query itself is only needed for a null or partial source
+        q = state.queries[k] if pre is not None or post is not None else None
         if not torch.is_grad_enabled():  # decoding: the same math without autograd nodes
-            return _bank_route_no_grad(state.queries[k], state.bank, state.n_completed, k, pre, post, stream, gate,
-                                       state.stats)
-        return _BankRoute.apply(state.queries[k], state.bank, state.n_completed, k, pre, post, stream, gate,
-                                state.stats, *state.tokens)
+            return _bank_forward(q, state.bank, state.n_completed, k, pre, post, stream, gate, state.stats)[0]
+        return _BankRoute.apply(q, state.bank, state.n_completed, k, pre, post, stream, gate, state.stats,
+                                *state.tokens)
 
     def layer(
         self,
