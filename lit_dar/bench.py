@@ -38,6 +38,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lit_dar.routing import BufferPool
+
 BASELINE = "baseline"
 ALL_MODES = ("attnres_block", "attnres_full", "delta", "delta_block", "ddl")
 LABELS = {
@@ -259,8 +261,14 @@ class Trainer:
         return sum(storages.values()), len(storages)
 
     def peak_memory(self) -> int:
-        """Peak memory of one training step (CUDA allocator peak, or RSS increase on CPU)."""
+        """Peak memory of one training step (CUDA allocator peak, or RSS increase on CPU).
+
+        The router's pooled bank buffers, which stay allocated between steps, are dropped first, so the
+        step allocates them again and they count."""
         self.optimizer.zero_grad(set_to_none=True)
+        for module in self.model.modules():
+            if isinstance(getattr(module, "_pool", None), BufferPool):
+                module._pool.clear()
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.synchronize(self.device)

@@ -173,6 +173,10 @@ class BufferPool:
         weakref.finalize(owner, self._give_back, key, t)
         return t
 
+    def clear(self) -> None:
+        """Drop the spare buffers (memory measurements count them, a step allocates them again)."""
+        self._free.clear()
+
     def _give_back(self, key: tuple, t: Tensor) -> None:
         free = self._free.setdefault(key, [])
         if len(free) < self.spares:
