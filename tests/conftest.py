@@ -62,6 +62,16 @@ def patched_copy(base: GPT, dar) -> GPT:
     return patch_model(model, dar)
 
 
+def assert_matches_reference(model: GPT, idx: torch.Tensor, reference) -> None:
+    """Logits and every parameter's gradient equal ``reference(model, idx)``'s, a plain re-implementation (float64)."""
+    out, ref = model(idx), reference(model, idx)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    grad = torch.randn_like(out)
+    params = list(model.parameters())
+    for g, g_ref in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
+
+
 def decode(model: GPT, idx: torch.Tensor, prompt: int = 6) -> torch.Tensor:
     """Prefill ``prompt`` tokens, then decode the rest one at a time with the KV cache."""
     with torch.no_grad():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, decode, patched_copy, tiny_config, tiny_gpt
+from conftest import ARCHITECTURES, assert_matches_reference, decode, patched_copy, tiny_config, tiny_gpt
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -218,16 +218,7 @@ def test_matches_reference_value_and_gradient(name: str, value: str) -> None:
     dar = DARConfig(mode="ddl", ddl_value=value)
     model = patched_copy(tiny_gpt(name, n_layer=3).double(), dar).double()
     _randomize_rule(model)
-    idx = torch.randint(0, 96, (2, 7))
-
-    out = model(idx)
-    ref = reference_forward(model, idx, dar)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-
-    grad = torch.randn_like(out)
-    params = [p for _, p in model.named_parameters()]
-    for g, g_ref in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
+    assert_matches_reference(model, torch.randint(0, 96, (2, 7)), lambda m, idx: reference_forward(m, idx, dar))
 
 
 def test_activation_checkpointing_replays_blocks_exactly() -> None:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, MODES, decode, patched_copy, tiny_config, tiny_gpt
+from conftest import ARCHITECTURES, assert_matches_reference, MODES, decode, patched_copy, tiny_config, tiny_gpt
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -200,16 +200,7 @@ def test_matches_reference_value_and_gradient(name: str, mode: str, null_source:
     dar = DARConfig(mode=mode, num_blocks=3, gate=_gate(mode), null_source=null_source)
     model = patched_copy(base, dar).double()
     _randomize_routing(model)
-    idx = torch.randint(0, 96, (2, 7))
-
-    out = model(idx)
-    ref = reference_forward(model, idx, dar)
-    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
-
-    grad = torch.randn_like(out)
-    params = [p for _, p in model.named_parameters()]
-    for g, g_ref in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(ref, params, grad)):
-        torch.testing.assert_close(g, g_ref, rtol=1e-8, atol=1e-9)
+    assert_matches_reference(model, torch.randint(0, 96, (2, 7)), lambda m, idx: reference_forward(m, idx, dar))
 
 
 def test_delta_block_sources_are_exact_block_deltas() -> None:
