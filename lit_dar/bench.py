@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lit_dar.routing import BufferPool
+from lit_dar.routing import DepthRouter
 
 BASELINE = "baseline"
 ALL_MODES = ("attnres_block", "attnres_full", "delta", "delta_block", "ddl")
@@ -267,8 +267,8 @@ class Trainer:
         step allocates them again and they count."""
         self.optimizer.zero_grad(set_to_none=True)
         for module in self.model.modules():
-            if isinstance(getattr(module, "_pool", None), BufferPool):
-                module._pool.clear()
+            if isinstance(module, DepthRouter):
+                module.free_buffers()
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.synchronize(self.device)

@@ -174,7 +174,7 @@ class BufferPool:
         return t
 
     def clear(self) -> None:
-        """Drop the spare buffers (memory measurements count them, a step allocates them again)."""
+        """Drop the spare buffers; the next forward allocates its own again."""
         self._free.clear()
 
     def _give_back(self, key: tuple, t: Tensor) -> None:
@@ -624,6 +624,10 @@ class DepthRouter(nn.Module):
             nn.init.zeros_(self.gate)
         if self.null is not None:
             nn.init.zeros_(self.null)
+
+    def free_buffers(self) -> None:
+        """Drop the pooled bank buffers kept for the next forward (memory measurements count them that way)."""
+        self._pool.clear()
 
     def get_extra_state(self) -> dict:
         return {"config": dict(self.config_dict)}
