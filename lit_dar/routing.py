@@ -17,7 +17,6 @@ Everything a routed sublayer needs lives here:
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -144,10 +143,13 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 # autograd version check that the writes would trip is not needed.
 
 
+_NULL_CONTEXT = nullcontext()
+
+
 def _no_autocast(device: torch.device):
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
-    return nullcontext()
+    return _NULL_CONTEXT
 
 
 class BufferPool:
@@ -156,31 +158,29 @@ class BufferPool:
     A bank is tens of MB (Delta at d 512, L 12 and 1024 tokens: 52 MB of sources, as much again for their
     gradients). Allocated fresh on every step, blocks that large are mapped and unmapped by the CPU
     allocator each time, and the first touch of every page faults, which cost about as much as the
-    routing itself. A bank's buffers return here when the bank is garbage collected, i.e. when its
-    autograd graph is freed; while a graph lives (``retain_graph``, several forwards before a backward)
-    its buffers stay with it.
+    routing itself. A bank gives its buffers back when it is deleted, i.e. when its autograd graph is
+    freed; while a graph lives (``retain_graph``, several forwards before a backward) its buffers stay
+    with it.
     """
 
     def __init__(self, spares: int = 2) -> None:
         self.spares = spares
-        self._free: dict[tuple, list[Tensor]] = {}
+        self._free: dict[tuple, list[tuple[Tensor, ...]]] = {}
 
-    def empty(self, owner: object, *shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """An uninitialised tensor that comes back to the pool when ``owner`` is garbage collected."""
-        key = (shape, dtype, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
+    def take(self, *shapes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[tuple, tuple[Tensor, ...]]:
+        """Uninitialised tensors of these shapes, and the key to :meth:`give_back` them under."""
+        key = (shapes, dtype, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
         free = self._free.get(key)
-        t = free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
-        weakref.finalize(owner, self._give_back, key, t)
-        return t
+        return key, free.pop() if free else tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
+
+    def give_back(self, key: tuple, tensors: tuple[Tensor, ...]) -> None:
+        free = self._free.setdefault(key, [])
+        if len(free) < self.spares:
+            free.append(tensors)
 
     def clear(self) -> None:
         """Drop the spare buffers; the next forward allocates its own again."""
         self._free.clear()
-
-    def _give_back(self, key: tuple, t: Tensor) -> None:
-        free = self._free.setdefault(key, [])
-        if len(free) < self.spares:
-            free.append(t)
 
 
 class SourceBank:
@@ -193,28 +193,81 @@ class SourceBank:
         self.lead = math.prod(x0.shape[:-1])
         self.pool = pool or BufferPool(spares=0)
         opts = dict(dtype=dtype, device=x0.device)
-        self.values = self.pool.empty(self, self.lead, capacity, D, **opts)
-        self.inv_rms = self.pool.empty(self, self.lead, capacity, **opts)
         self.queries = queries.detach()  # (R, D), q_k = query_k ∘ key_gain_k
         # logits[t, i, k] = (u_i · q_k) · inv_rms_i for every routed point k, computed once per source by one
         # GEMM: a routed point's logits are then a slice, without a pass over its sources
-        self.logits = self.pool.empty(self, self.lead, capacity, queries.shape[0], **opts)
+        key, (self.values, self.inv_rms, self.logits) = self.pool.take(
+            (self.lead, capacity, D), (self.lead, capacity), (self.lead, capacity, queries.shape[0]), **opts
+        )
+        self._borrowed = [(key, (self.values, self.inv_rms, self.logits))]  # given back to the pool by __del__
         # filled in backward, routed point by routed point (last first), and read by each source's backward
         self.grads: Tensor | None = None  # (lead, R, D): g_k, the gradient arriving at routed point k
         self.w: Tensor | None = None  # (lead, S, R): w_ki, the weight routed point k gave source i
         self.d_logit: Tensor | None = None  # (lead, S, R): dlogit_ki
         self.readers: dict[int, int] = {}  # routed points whose backward ran → how many sources they read
+        self.mixtures: dict[int, tuple[Tensor, ...]] = {}  # without grad: first routed point of a group → its mixtures
+        # with grad, writes go through aliases: the saved ``values`` must not see its version bumped (see above)
+        grad = torch.is_grad_enabled()
+        self._values, self._inv_rms, self._logits = (
+            (self.values.data, self.inv_rms.data, self.logits.data) if grad else (self.values, self.inv_rms, self.logits)
+        )
+        self._keys = self.queries.t()
+        self._autocast = x0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x0.device.type)
+        self._eps = torch.tensor(eps, **opts)
 
     def write(self, i: int, u: Tensor) -> None:
-        x = u.detach().reshape(self.lead, -1)
-        with torch.no_grad(), _no_autocast(x.device):
-            self.values.data[:, i].copy_(x)
-            xf = self.values.data[:, i]
+        """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
+        decoding); few ops rather than few passes, since a decoded token's write is dispatch-bound."""
+        x = u.reshape(self.lead, -1)
+        with self.fp32():
+            xf = self._values.select(1, i)
+            xf.copy_(x)
             norm = torch.linalg.vector_norm(xf, dim=-1)
-            self.inv_rms.data[:, i] = torch.rsqrt(norm.square_().div_(xf.shape[-1]).add_(self.eps))
-            logits = self.logits.data[:, i]
-            torch.mm(xf, self.queries.t().to(xf.dtype), out=logits)
-            logits.mul_(self.inv_rms.data[:, i].unsqueeze(-1))
+            inv = self._inv_rms.select(1, i)
+            torch.addcmul(self._eps, norm, norm, value=1.0 / xf.shape[-1], out=inv).rsqrt_()  # (|u|²/D + eps)^-½
+            logits = self._logits.select(1, i)
+            torch.mm(xf, self._keys, out=logits)
+            logits.mul_(inv.unsqueeze(-1))
+
+    def group_input(self, k: int, group: tuple[int, int], n: int, stream: Tensor, gate: Tensor | None,
+                    stats: dict | None) -> Tensor:
+        """``h_k = s_k + g_k·r_k`` without autograd, for routed point ``k`` of a group ``[k0, k1)`` of routed
+        points that all read the same ``n`` sources (the points of a block, in Delta Block).
+
+        The first point of the group computes the mixtures of all of them in one batched product, so a
+        decoded token costs one pass and a few ops per group, and a single add per routed point.
+        """
+        k0, k1 = group
+        mixtures = self.mixtures.get(k0)
+        if mixtures is None:
+            self.mixtures[k0] = mixtures = self._group_mixtures(k0, k1, n, gate, stats)
+        mixture = mixtures[k - k0]
+        if stream.dtype == mixture.dtype:
+            return stream + mixture
+        return (stream.to(mixture.dtype) + mixture).to(self.out_dtype)
+
+    def _group_mixtures(self, k0: int, k1: int, n: int, gate: Tensor | None, stats: dict | None) -> tuple[Tensor, ...]:
+        lead_shape, K = self.shape[:-1], k1 - k0
+        with self.fp32():
+            if n == 1:  # one source: every weight is exactly 1
+                if stats is not None:
+                    stats.update({k: self.values.new_ones(*lead_shape, 1) for k in range(k0, k1)})
+                x0 = self.values[:, 0].view(*lead_shape, 1, -1)
+                return (x0.squeeze(-2),) * K if gate is None else (x0 * gate[k0:k1, None]).unbind(-2)
+            alpha = torch.softmax(self.logits[:, :n, k0:k1], dim=1)  # (lead, n, K)
+            if stats is not None:
+                stats.update({k0 + j: alpha[:, :, j].reshape(*lead_shape, n) for j in range(K)})
+            w = alpha if gate is None else alpha * gate[k0:k1]
+            mixtures = torch.bmm(w.transpose(1, 2), self.values[:, :n])  # (lead, K, D)
+            return mixtures.view(*lead_shape, K, -1).unbind(-2)
+
+    def __del__(self) -> None:
+        for key, tensors in getattr(self, "_borrowed", ()):
+            self.pool.give_back(key, tensors)
+
+    def fp32(self):
+        """Autocast off for the routing math; checked once per forward, since the check costs as much as an op."""
+        return torch.autocast(self.values.device.type, enabled=False) if self._autocast else _NULL_CONTEXT
 
     def receive(self, n: int, k: int, w: Tensor, g: Tensor, d_logit: Tensor) -> None:
         """Keep routed point ``k``'s gradient ``g`` and, for each of its ``n`` sources, ``w_i`` and ``dlogit_i``.
@@ -227,9 +280,8 @@ class SourceBank:
             lead, S, D = self.values.shape
             opts = dict(dtype=self.values.dtype, device=self.values.device)
             R = self.queries.shape[0]
-            self.grads = self.pool.empty(self, lead, R, D, **opts)
-            self.w = self.pool.empty(self, lead, S, R, **opts)
-            self.d_logit = self.pool.empty(self, lead, S, R, **opts)
+            key, (self.grads, self.w, self.d_logit) = self.pool.take((lead, R, D), (lead, S, R), (lead, S, R), **opts)
+            self._borrowed.append((key, (self.grads, self.w, self.d_logit)))
         self.grads[:, k].copy_(g)
         self.w[:, :n, k] = w
         self.d_logit[:, :n, k] = d_logit
@@ -402,7 +454,7 @@ def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | Non
     """The sublayer input (in the stream's shape and dtype), the weights, and the extra sources in the
     compute dtype."""
     values = bank.values
-    with _no_autocast(values.device):
+    with bank.fp32():
         dtype = values.dtype
         post_f = None if post is None else _as(post.reshape(bank.lead, -1), dtype)
         pre_f = None if pre is None else _as(pre, dtype)
@@ -511,6 +563,12 @@ class RoutingPlan:
         return cls.build(n_layer, group, see_partial, additive, route_final, parallel)
 
     @property
+    def n_stored(self) -> int:
+        """Completed sources some routed point reads. Without a final route nothing reads the source the last
+        sublayer completes, so it is neither accumulated nor stored."""
+        return 1 + sum(self.closes_group) - int(not self.route_final)
+
+    @property
     def n_routes(self) -> int:
         """Routed points: one per sublayer, plus the final hidden state for replacement modes."""
         return 2 * self.n_layer + int(self.route_final)
@@ -567,6 +625,8 @@ class RoutingState:
         return self.sources if self.partial is None else (*self.sources, self.partial)
 
     def emit(self, plan: RoutingPlan, j: int, output: Tensor) -> RoutingState:
+        if self.n_completed == plan.n_stored and not plan.see_partial:
+            return self  # the last group of a plan without a final route: no routed point reads it
         partial = output if self.partial is None else self.partial + output
         # plain constructor calls: dataclasses.replace costs more than the routing of a decoded token
         sources, tokens = self.sources, self.tokens
@@ -577,6 +637,22 @@ class RoutingState:
         else:
             sources = (*sources, partial)
         return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries)
+
+
+def _shared_source_groups(plan: RoutingPlan) -> tuple[tuple[int, int] | None, ...]:
+    """Per routed point, the run ``[k0, k1)`` of consecutive routed points that read the same sources (no
+    source completes in between), or ``None`` for a run of one. Only additive plans without a visible
+    partial sum qualify: there the run of a block shares its mixtures' sources exactly."""
+    counts = plan.n_sources()
+    if not plan.additive or plan.see_partial:
+        return (None,) * len(counts)
+    groups: list[tuple[int, int] | None] = []
+    k0 = 0
+    for k in range(1, len(counts) + 1):
+        if k == len(counts) or counts[k] != counts[k0]:
+            groups += [(k0, k) if k - k0 > 1 else None] * (k - k0)
+            k0 = k
+    return tuple(groups)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -614,6 +690,8 @@ class DepthRouter(nn.Module):
         self.implementation = "bank"
         self.config_dict: dict = {}  # what built this router; saved and checked with the weights
         self._pool = BufferPool()
+        self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
+        self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -667,13 +745,21 @@ class DepthRouter(nn.Module):
         """The sources of a new forward: just the embedding ``x0``."""
         stats = {} if self.record_stats else None
         if self._use_bank():
-            dtype = _compute_dtype(x0.dtype)
-            queries = self.query.to(dtype) * self.key_gain.to(dtype)
-            capacity = 1 + sum(self.plan.closes_group)
-            bank = SourceBank(x0, capacity, queries, self.eps, self._pool)
+            queries = self._stacked_queries(_compute_dtype(x0.dtype))
+            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool)
             token = _emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
         return RoutingState((x0,), None, stats)
+
+    def _stacked_queries(self, dtype: torch.dtype) -> Tensor:
+        """``query ∘ key_gain`` for every routed point; without grad (decoding) it is recomputed only when the
+        parameters change (their version counters or storage), not for every token."""
+        if torch.is_grad_enabled():
+            return self.query.to(dtype) * self.key_gain.to(dtype)
+        key = (dtype, self.query._version, self.key_gain._version, self.query.data_ptr(), self.key_gain.data_ptr())
+        if self._frozen is None or self._frozen[0] != key:
+            self._frozen = (key, self.query.to(dtype) * self.key_gain.to(dtype))
+        return self._frozen[1]
 
     def _use_bank(self) -> bool:
         if self.implementation == "bank":
@@ -687,6 +773,9 @@ class DepthRouter(nn.Module):
         if state.bank is None:
             mixture = self.route(k, state.final() if final else state.visible(self.plan), state.stats)
             return self.combine(k, stream, mixture)
+        group = self._groups[k]
+        if group is not None and not torch.is_grad_enabled():  # decoding a Delta Block model: per block, not per point
+            return state.bank.group_input(k, group, state.n_completed, stream, self.gate, state.stats)
         post = state.partial if (final or self.plan.see_partial) else None
         pre = self.null[k] if self.null is not None else None
         stream = stream if self.plan.additive else None

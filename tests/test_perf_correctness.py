@@ -137,6 +137,40 @@ def test_kv_cache_decode_matches_full_forward(mode: str) -> None:
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["delta", "delta_block"])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_forward_without_grad_matches_training_forward(mode: str, parallel: bool) -> None:
+    """Without grad, the routed points of a block (which read the same sources) get their mixtures from one
+    product per block; outputs and recorded weights equal the training forward's."""
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=4, parallel=parallel))
+    patch_model(model, DARConfig(mode=mode, num_blocks=2, gate="scalar"))
+    _randomize_routing(model)
+    model.dar.record_stats = True
+    idx = torch.randint(0, 64, (2, 7))
+    out, weights = model(idx), model.dar.last_weights
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), out, rtol=1e-6, atol=1e-6)
+    assert len(model.dar.last_weights) == len(weights) == model.dar.plan.n_routes
+    for a, b in zip(model.dar.last_weights, weights):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_forward_without_grad_follows_parameter_updates() -> None:
+    """Decoding keeps the stacked queries between forwards, but not past an update of the parameters."""
+    model = _model("delta_block", gate="scalar").eval()
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        before = model(idx)
+        model.dar.query.mul_(-2.0)  # in place, like an optimizer step
+        after = model(idx)
+        model.dar.implementation = "autograd"
+        expected = model(idx)
+    torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(after, before)
+
+
 @pytest.mark.parametrize("mode", ["delta", "attnres_block"])
 def test_activation_checkpointing_gradients(mode: str) -> None:
     """Blocks re-run during backward (non-reentrant checkpointing) give the same gradients."""
@@ -183,7 +217,7 @@ def test_bank_buffers_are_reused_only_once_their_graph_is_freed() -> None:
 
     pool = model.dar._pool
     assert pool._free, "a freed bank's buffers wait in the pool"
-    spare = {t.data_ptr() for ts in pool._free.values() for t in ts}
+    spare = {t.data_ptr() for groups in pool._free.values() for ts in groups for t in ts}
     state = model.dar.start(torch.randn(2, 5, model.config.n_embd, dtype=torch.float64))
     assert state.bank.values.data_ptr() in spare
     model.dar.free_buffers()  # what the benchmark does before it measures a step's peak memory

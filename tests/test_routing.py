@@ -87,6 +87,15 @@ def test_plan_sources(mode, n_layer, num_blocks, parallel, expected) -> None:
     assert plan.n_routes == len(expected)
 
 
+def test_only_sources_someone_reads_are_stored() -> None:
+    """Without a final route no routed point reads the source the last sublayer completes."""
+    assert RoutingPlan.for_mode("delta", 3, 1, False).n_stored == 6  # x0 and the first five outputs
+    assert RoutingPlan.for_mode("delta_block", 6, 3, False).n_stored == 3  # x0 and two of three blocks
+    assert RoutingPlan.for_mode("attnres_full", 2, 1, False).n_stored == 5  # the final route reads all
+    router = DepthRouter(RoutingPlan.for_mode("delta_block", 6, 3, False), 8, gate=False, null_source=False)
+    assert router.start(torch.randn(2, 3, 8)).bank.values.shape == (6, 3, 8)
+
+
 def test_layers_per_block() -> None:
     assert layers_per_block(12, 4) == 3
     assert layers_per_block(36, 8) == 5  # 7 blocks of 5 and one of 1
