@@ -166,6 +166,7 @@ class BufferPool:
     def __init__(self, spares: int = 2) -> None:
         self.spares = spares
         self._free: dict[tuple, list[tuple[Tensor, ...]]] = {}
+        self._constants: dict[tuple, Tensor] = {}
 
     def take(self, *shapes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[tuple, tuple[Tensor, ...]]:
         """Uninitialised tensors of these shapes, and the key to :meth:`give_back` them under."""
@@ -181,6 +182,13 @@ class BufferPool:
     def clear(self) -> None:
         """Drop the spare buffers; the next forward allocates its own again."""
         self._free.clear()
+
+    def constant(self, value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A 0-dim tensor holding ``value``, made once: a decoded token cannot afford a ``torch.tensor`` per forward."""
+        key = (value, dtype, device, torch.is_inference_mode_enabled())
+        if key not in self._constants:
+            self._constants[key] = torch.tensor(value, dtype=dtype, device=device)
+        return self._constants[key]
 
 
 class SourceBank:
@@ -213,7 +221,7 @@ class SourceBank:
         )
         self._keys = self.queries.t()
         self._autocast = x0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x0.device.type)
-        self._eps = torch.tensor(eps, **opts)
+        self._eps = self.pool.constant(eps, **opts)
 
     def write(self, i: int, u: Tensor) -> None:
         """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
@@ -538,6 +546,12 @@ class RoutingPlan:
     additive: bool
     route_final: bool
     parallel: bool
+    # completed sources some routed point reads: without a final route nothing reads the source the last
+    # sublayer completes, so it is neither accumulated nor stored (a field, read on every emit)
+    n_stored: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_stored", 1 + sum(self.closes_group) - int(not self.route_final))
 
     @classmethod
     def build(
@@ -561,12 +575,6 @@ class RoutingPlan:
         per_sublayer, see_partial, additive, route_final = MODES[mode]
         group = None if per_sublayer else layers_per_block(n_layer, num_blocks)
         return cls.build(n_layer, group, see_partial, additive, route_final, parallel)
-
-    @property
-    def n_stored(self) -> int:
-        """Completed sources some routed point reads. Without a final route nothing reads the source the last
-        sublayer completes, so it is neither accumulated nor stored."""
-        return 1 + sum(self.closes_group) - int(not self.route_final)
 
     @property
     def n_routes(self) -> int:
