@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -602,20 +603,20 @@ class RoutingPlan:
         return (False, completed + 1) if self.closes_group[j] else (True, completed)
 
 
-@dataclass(frozen=True)
-class RoutingState:
+class RoutingState(NamedTuple):
     """The sources of one forward pass: completed sources and the running partial sum.
 
     Immutable: :meth:`emit` returns a new state, so a block replayed by activation checkpointing sees
     exactly the state it saw the first time. On the fast path the completed sources live in ``bank``
     (written once per slot, so a replay rewrites the same values) and ``tokens`` holds one autograd token
-    per completed source instead of the source itself; ``sources`` is then empty.
+    per completed source instead of the source itself; ``sources`` is then empty. A named tuple: one is
+    made per sublayer, and a decoded token cannot afford a dataclass constructor each time.
     """
 
     sources: tuple[Tensor, ...]
     partial: Tensor | None = None
-    stats: dict | None = field(default=None, compare=False)
-    bank: SourceBank | None = field(default=None, compare=False)
+    stats: dict | None = None
+    bank: SourceBank | None = None
     tokens: tuple[Tensor, ...] = ()
     queries: Tensor | None = None
 
@@ -636,7 +637,6 @@ class RoutingState:
         if self.n_completed == plan.n_stored and not plan.see_partial:
             return self  # the last group of a plan without a final route: no routed point reads it
         partial = output if self.partial is None else self.partial + output
-        # plain constructor calls: dataclasses.replace costs more than the routing of a decoded token
         sources, tokens = self.sources, self.tokens
         if not plan.closes_group[j]:
             return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries)
