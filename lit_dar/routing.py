@@ -192,6 +192,15 @@ class BufferPool:
         return self._constants[key]
 
 
+class _Group:
+    """What the routed points of a group (they read the same ``n`` sources) share in one forward."""
+
+    __slots__ = ("k1", "n", "alpha", "gate", "mixtures", "uses")
+
+    def __init__(self, k1: int, n: int, alpha: Tensor | None, gate: Tensor | None, mixtures: tuple[Tensor, ...]) -> None:
+        self.k1, self.n, self.alpha, self.gate, self.mixtures, self.uses = k1, n, alpha, gate, mixtures, 0
+
+
 class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
@@ -214,7 +223,10 @@ class SourceBank:
         self.w: Tensor | None = None  # (lead, S, R): w_ki, the weight routed point k gave source i
         self.d_logit: Tensor | None = None  # (lead, S, R): dlogit_ki
         self.readers: dict[int, int] = {}  # routed points whose backward ran → how many sources they read
-        self.mixtures: dict[int, tuple[Tensor, ...]] = {}  # without grad: first routed point of a group → its mixtures
+        # groups of routed points that read the same sources (see _GroupRoute), by their first point
+        self.groups: dict[int, _Group] = {}
+        self.pending: set[int] = set()  # groups whose gradients arrived but whose weight gradients are not computed
+        self.gate: Tensor | None = None  # the router's gate parameter when groups route with it (see _Emit)
         # with grad, writes go through aliases: the saved ``values`` must not see its version bumped (see above)
         grad = torch.is_grad_enabled()
         self._values, self._inv_rms, self._logits = (
@@ -239,36 +251,75 @@ class SourceBank:
             logits.mul_(inv.unsqueeze(-1))
 
     def group_input(self, k: int, group: tuple[int, int], n: int, stream: Tensor, gate: Tensor | None,
-                    stats: dict | None) -> Tensor:
+                    stats: dict | None, for_backward: bool = False) -> Tensor:
         """``h_k = s_k + g_k·r_k`` without autograd, for routed point ``k`` of a group ``[k0, k1)`` of routed
         points that all read the same ``n`` sources (the points of a block, in Delta Block).
 
         The first point of the group computes the mixtures of all of them in one batched product, so a
         decoded token costs one pass and a few ops per group, and a single add per routed point.
         """
-        k0, k1 = group
-        mixtures = self.mixtures.get(k0)
-        if mixtures is None:
-            self.mixtures[k0] = mixtures = self._group_mixtures(k0, k1, n, gate, stats)
-        mixture = mixtures[k - k0]
+        mixture = self.group_mixture(k, group, n, gate, stats, for_backward)
         if stream.dtype == mixture.dtype:
             return stream + mixture
         return (stream.to(mixture.dtype) + mixture).to(self.out_dtype)
 
-    def _group_mixtures(self, k0: int, k1: int, n: int, gate: Tensor | None, stats: dict | None) -> tuple[Tensor, ...]:
+    def group_mixture(self, k: int, group: tuple[int, int], n: int, gate: Tensor | None, stats: dict | None,
+                      for_backward: bool) -> Tensor:
+        """Routed point ``k``'s mixture ``g_k·r_k``, from the group's mixtures, which the first point to ask
+        computes in one product; they are dropped once every point of the group has taken its own."""
+        k0, k1 = group
+        entry = self.groups.get(k0)
+        if entry is None or entry.mixtures is None:  # the group's first point (or a replay by checkpointing)
+            gate = None if gate is None else gate[k0:k1].detach()
+            entry = self.groups[k0] = self._group(k0, k1, n, gate, stats, for_backward)
+        mixture = entry.mixtures[k - k0]
+        entry.uses += 1
+        if entry.uses == k1 - k0:
+            entry.mixtures = None
+        return mixture
+
+    def _group(self, k0: int, k1: int, n: int, gate: Tensor | None, stats: dict | None, for_backward: bool) -> _Group:
         lead_shape, K = self.shape[:-1], k1 - k0
         with self.fp32():
-            if n == 1:  # one source: every weight is exactly 1
+            if n == 1 and not for_backward:  # decoding, one source: every weight is exactly 1
                 if stats is not None:
                     stats.update({k: self.values.new_ones(*lead_shape, 1) for k in range(k0, k1)})
                 x0 = self.values[:, 0].view(*lead_shape, 1, -1)
-                return (x0.squeeze(-2),) * K if gate is None else (x0 * gate[k0:k1, None]).unbind(-2)
+                mixtures = (x0.squeeze(-2),) * K if gate is None else (x0 * gate[:, None]).unbind(-2)
+                return _Group(k1, n, None, gate, mixtures)
             alpha = torch.softmax(self.logits[:, :n, k0:k1], dim=1)  # (lead, n, K)
             if stats is not None:
                 stats.update({k0 + j: alpha[:, :, j].reshape(*lead_shape, n) for j in range(K)})
-            w = alpha if gate is None else alpha * gate[k0:k1]
+            w = alpha if gate is None else alpha * gate.to(alpha.dtype)
             mixtures = torch.bmm(w.transpose(1, 2), self.values[:, :n])  # (lead, K, D)
-            return mixtures.view(*lead_shape, K, -1).unbind(-2)
+            return _Group(k1, n, alpha, gate, mixtures.view(*lead_shape, K, -1).unbind(-2))
+
+    def keep(self, k: int, n: int, g: Tensor, group: tuple[int, int]) -> None:
+        """Backward of a grouped routed point: only keep its gradient; the group's weight gradients are
+        computed together, once all of its points' gradients are in (:meth:`_group_grads`)."""
+        self._grad_buffers()
+        self.grads[:, k].copy_(g.reshape(self.lead, -1))
+        self.readers[k] = n
+        self.pending.add(group[0])
+
+    def _group_grads(self, k0: int, d_gate: Tensor | None) -> None:
+        """``dw``, ``dlogit`` and ``w`` of every point of group ``k0`` from one product over its sources;
+        the gate's gradient is added to ``d_gate``."""
+        e = self.groups[k0]
+        for k in range(k0, e.k1):  # a point whose input got no gradient: g = 0
+            if k not in self.readers:
+                self.grads[:, k].zero_()
+                self.readers[k] = e.n
+        a = e.alpha.transpose(1, 2)  # (lead, K, n)
+        dw = torch.bmm(self.grads[:, k0 : e.k1], self.values[:, : e.n].transpose(1, 2))  # dw_ki = u_i · g_k
+        w, d_alpha = a, dw
+        if e.gate is not None:
+            gate = e.gate.to(a.dtype).unsqueeze(-1)
+            if d_gate is not None:
+                d_gate[k0 : e.k1] += (a * dw).sum((0, 2)).to(d_gate.dtype)
+            w, d_alpha = a * gate, dw * gate
+        self.w[:, : e.n, k0 : e.k1] = w.transpose(1, 2)
+        self.d_logit[:, : e.n, k0 : e.k1] = (a * (d_alpha - (a * d_alpha).sum(-1, keepdim=True))).transpose(1, 2)
 
     def __del__(self) -> None:
         for key, tensors in getattr(self, "_borrowed", ()):
@@ -285,29 +336,40 @@ class SourceBank:
         ``Σ_k w_ki g_k`` in one batched pass over their ``g_k``, rather than ``n`` read-modify-writes of a
         gradient per routed point.
         """
+        self._grad_buffers()
+        self.grads[:, k].copy_(g)
+        self.w[:, :n, k] = w
+        self.d_logit[:, :n, k] = d_logit
+        self.readers[k] = n
+
+    def _grad_buffers(self) -> None:
         if self.grads is None:
             lead, S, D = self.values.shape
             opts = dict(dtype=self.values.dtype, device=self.values.device)
             R = self.queries.shape[0]
             key, (self.grads, self.w, self.d_logit) = self.pool.take((lead, R, D), (lead, S, R), (lead, S, R), **opts)
             self._borrowed.append((key, (self.grads, self.w, self.d_logit)))
-        self.grads[:, k].copy_(g)
-        self.w[:, :n, k] = w
-        self.d_logit[:, :n, k] = d_logit
-        self.readers[k] = n
 
-    def release(self, i: int, u: Tensor, queries_grad: bool) -> tuple[Tensor | None, Tensor | None]:
-        """Source ``i``'s gradient (value and key paths of every routed point that read it) and its part of
-        the stacked queries' gradient; ``None`` if no routed point that read it received a gradient.
+    def release(self, i: int, u: Tensor, queries_grad: bool,
+                gate_grad: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """Source ``i``'s gradient (value and key paths of every routed point that read it), its part of
+        the stacked queries' gradient, and the gradient of the gate of the groups that read it first (or
+        ``None``s, if no routed point that read it received a gradient).
 
         With ``q_k`` the query of reader ``k``, ``inv`` the source's inverse RMS and ``logit_k = (u·q_k)·inv``:
         ``Σ_k w_k g_k + inv·Σ_k dlogit_k q_k − inv²/D·(Σ_k dlogit_k logit_k)·u``.
         """
+        d_gate = None
+        for k0 in [k0 for k0 in self.pending if self.groups[k0].n > i]:
+            if d_gate is None and gate_grad:
+                d_gate = torch.zeros_like(self.gate)
+            self._group_grads(k0, d_gate)
+            self.pending.discard(k0)
         ks = sorted(k for k, n in self.readers.items() if n > i)
         if i == 0:  # the last source released: a second backward through a retained graph starts afresh
             self.readers = {}
         if not ks:
-            return None, None
+            return None, None, d_gate
         idx = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else torch.tensor(ks, device=u.device)
         inv = self.inv_rms[:, i].unsqueeze(-1)
         d_logit = self.d_logit[:, i, idx]
@@ -321,7 +383,7 @@ class SourceBank:
         if queries_grad:
             d_queries = u.new_zeros(self.queries.shape)
             d_queries[idx] = c.t() @ u
-        return grad, d_queries
+        return grad, d_queries, d_gate
 
 
 def _extra_terms(x: Tensor, q: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -370,7 +432,7 @@ class _Emit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, bank: SourceBank, i: int, u: Tensor, queries: Tensor, gate: Tensor | None) -> Tensor:  # type: ignore[override]
         bank.write(i, u)
         ctx.bank, ctx.i, ctx.u_dtype = bank, i, u.dtype
         ctx.save_for_backward(bank.values, bank.inv_rms)
@@ -381,11 +443,10 @@ class _Emit(torch.autograd.Function):
         bank, i = ctx.bank, ctx.i
         values, _ = ctx.saved_tensors
         with _no_autocast(values.device):
-            grad, d_queries = bank.release(i, values[:, i], ctx.needs_input_grad[3])
-        if grad is None:
-            return None, None, None, None
+            grad, d_queries, d_gate = bank.release(i, values[:, i], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         d_queries = None if d_queries is None else d_queries.to(bank.queries.dtype)
-        return None, None, grad.view(bank.shape).to(ctx.u_dtype), d_queries
+        grad = None if grad is None else grad.view(bank.shape).to(ctx.u_dtype)
+        return None, None, grad, d_queries, d_gate
 
 
 class _BankRoute(torch.autograd.Function):
@@ -450,9 +511,36 @@ class _BankRoute(torch.autograd.Function):
                 *([None] * (len(ctx.needs_input_grad) - 9)))
 
 
+class _GroupRoute(torch.autograd.Function):
+    """Routed point ``k`` of a group ``[k0, k1)`` of routed points that read the same ``n`` bank sources (the
+    points of a Delta Block block; the two sublayers of a parallel-residual layer): ``h = s + g_k·r_k``.
+
+    Forward, the group's first point computes the mixtures of all ``K`` points in one product, so the
+    sources are read once per group, not once per point. Backward, a point only keeps its gradient; the
+    group's weight gradients (``dw = G·Uᵀ``, one product) are computed by the backward of the first source
+    the group read (:meth:`SourceBank.release`), which runs after all of the group's points, and which also
+    returns the gate's gradient (``_Emit`` takes the gate as an input for this).
+    """
+
+    @staticmethod
+    def forward(ctx, bank: SourceBank, group: tuple[int, int], k: int, n: int, stream: Tensor,  # type: ignore[override]
+                gate: Tensor | None, stats: dict | None, *tokens: Tensor) -> Tensor:
+        h = bank.group_input(k, group, n, stream, gate, stats, for_backward=True)
+        ctx.bank, ctx.group, ctx.k, ctx.n, ctx.n_tokens = bank, group, k, n, len(tokens)
+        if k == group[0]:  # the group's weights, n numbers per token and point: kept for backward
+            ctx.save_for_backward(bank.groups[k].alpha)
+        return h
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        with _no_autocast(grad_out.device):
+            ctx.bank.keep(ctx.k, ctx.n, grad_out, ctx.group)
+        return (None, None, None, None, grad_out, None, None, *([None] * ctx.n_tokens))
+
+
 def _emit(bank: SourceBank, i: int, u: Tensor, queries: Tensor) -> Tensor | None:
     if torch.is_grad_enabled():
-        return _Emit.apply(bank, i, u, queries)
+        return _Emit.apply(bank, i, u, queries, bank.gate)
     bank.write(i, u)
     return None
 
@@ -755,6 +843,8 @@ class DepthRouter(nn.Module):
         if self._use_bank():
             queries = self._stacked_queries(_compute_dtype(x0.dtype))
             bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool)
+            if self.gate is not None and any(self._groups):
+                bank.gate = self.gate
             token = _emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
         return RoutingState((x0,), None, stats)
@@ -782,8 +872,11 @@ class DepthRouter(nn.Module):
             mixture = self.route(k, state.final() if final else state.visible(self.plan), state.stats)
             return self.combine(k, stream, mixture)
         group = self._groups[k]
-        if group is not None and not torch.is_grad_enabled():  # decoding a Delta Block model: per block, not per point
-            return state.bank.group_input(k, group, state.n_completed, stream, self.gate, state.stats)
+        if group is not None:  # a block of Delta Block: one product per block, not per routed point
+            if not torch.is_grad_enabled():
+                return state.bank.group_input(k, group, state.n_completed, stream, self.gate, state.stats)
+            return _GroupRoute.apply(state.bank, group, k, state.n_completed, stream, self.gate, state.stats,
+                                     *state.tokens)
         post = state.partial if (final or self.plan.see_partial) else None
         pre = self.null[k] if self.null is not None else None
         stream = stream if self.plan.additive else None

@@ -64,7 +64,7 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
 def _bank_route(sources, q, pre=None, post=None, stream=None, gate=None, eps=1e-6):
     """One routed point over ``sources`` through the bank path (as the router runs it)."""
     bank = SourceBank(sources[0], len(sources), q.unsqueeze(0), eps)
-    tokens = [routing._Emit.apply(bank, i, u, q.unsqueeze(0)) for i, u in enumerate(sources)]
+    tokens = [routing._Emit.apply(bank, i, u, q.unsqueeze(0), None) for i, u in enumerate(sources)]
     return routing._BankRoute.apply(q, bank, len(sources), 0, pre, post, stream, gate, None, *tokens)
 
 
@@ -171,16 +171,19 @@ def test_forward_without_grad_follows_parameter_updates() -> None:
     assert not torch.allclose(after, before)
 
 
-@pytest.mark.parametrize("mode", ["delta", "attnres_block"])
-def test_activation_checkpointing_gradients(mode: str) -> None:
-    """Blocks re-run during backward (non-reentrant checkpointing) give the same gradients."""
+@pytest.mark.parametrize(("mode", "gate", "every"), [
+    ("delta", "none", 1), ("attnres_block", "none", 1), ("delta_block", "scalar", 1), ("delta_block", "scalar", 2),
+])
+def test_activation_checkpointing_gradients(mode: str, gate: str, every: int) -> None:
+    """Blocks re-run during backward (non-reentrant checkpointing) give the same gradients, also when only
+    some of the layers of a Delta Block block (whose routed points share their mixtures) are re-run."""
     from torch.utils.checkpoint import checkpoint
 
-    model = _model(mode, dtype=torch.float64)
+    model = _model(mode, dtype=torch.float64, gate=gate)
     _randomize_routing(model)
     idx = torch.randint(0, 64, (2, 7))
     _, ref = _grads(model, idx, "bank")
-    for block in model.transformer.h:
+    for block in model.transformer.h[::every]:
         forward = block.forward
         block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
     _, got = _grads(model, idx, "bank")
