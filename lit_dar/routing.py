@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -252,21 +252,14 @@ class SourceBank:
 
     def group_input(self, k: int, group: tuple[int, int], n: int, stream: Tensor, gate: Tensor | None,
                     stats: dict | None, for_backward: bool = False) -> Tensor:
-        """``h_k = s_k + g_k·r_k`` without autograd, for routed point ``k`` of a group ``[k0, k1)`` of routed
-        points that all read the same ``n`` sources (the points of a block, in Delta Block).
+        """``h_k = s_k + g_k·r_k`` for routed point ``k`` of a group ``[k0, k1)`` of routed points that all read
+        the same ``n`` sources (the points of a Delta Block block), without autograd (decoding, or inside
+        :class:`_GroupRoute`; ``for_backward`` keeps the weights for it).
 
-        The first point of the group computes the mixtures of all of them in one batched product, so a
-        decoded token costs one pass and a few ops per group, and a single add per routed point.
+        The first point to ask computes the mixtures of the whole group in one batched product; they are
+        dropped once every point of the group has taken its own. A decoded token thus costs a few ops per
+        group and one add per routed point.
         """
-        mixture = self.group_mixture(k, group, n, gate, stats, for_backward)
-        if stream.dtype == mixture.dtype:
-            return stream + mixture
-        return (stream.to(mixture.dtype) + mixture).to(self.out_dtype)
-
-    def group_mixture(self, k: int, group: tuple[int, int], n: int, gate: Tensor | None, stats: dict | None,
-                      for_backward: bool) -> Tensor:
-        """Routed point ``k``'s mixture ``g_k·r_k``, from the group's mixtures, which the first point to ask
-        computes in one product; they are dropped once every point of the group has taken its own."""
         k0, k1 = group
         entry = self.groups.get(k0)
         if entry is None or entry.mixtures is None:  # the group's first point (or a replay by checkpointing)
@@ -276,7 +269,9 @@ class SourceBank:
         entry.uses += 1
         if entry.uses == k1 - k0:
             entry.mixtures = None
-        return mixture
+        if stream.dtype == mixture.dtype:
+            return stream + mixture
+        return (stream.to(mixture.dtype) + mixture).to(self.out_dtype)
 
     def _group(self, k0: int, k1: int, n: int, gate: Tensor | None, stats: dict | None, for_backward: bool) -> _Group:
         lead_shape, K = self.shape[:-1], k1 - k0
@@ -428,7 +423,8 @@ class _Emit(torch.autograd.Function):
     """Write a completed source into the bank; its backward applies the deferred gradient.
 
     Returns an empty *token*: every routed point that reads the source takes the token as an input, so
-    autograd runs this node's backward only after all of theirs.
+    autograd runs this node's backward only after all of theirs. It also returns the gradients of the
+    stacked queries and, for routed points in groups (:class:`_GroupRoute`), of the gate.
     """
 
     @staticmethod
