@@ -204,7 +204,8 @@ class _Group:
 class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
-    def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None) -> None:
+    def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None,
+                 first_readers: tuple[int, ...] | None = None) -> None:
         D = x0.shape[-1]
         dtype = _compute_dtype(x0.dtype)
         self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
@@ -235,6 +236,8 @@ class SourceBank:
         self._keys = self.queries.t()
         self._autocast = x0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x0.device.type)
         self._eps = self.pool.constant(eps, **opts)
+        # logits are computed only for the routed points that can read a source (Delta: half of them)
+        self.first_readers = first_readers or (0,) * capacity
 
     def write(self, i: int, u: Tensor) -> None:
         """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
@@ -246,8 +249,9 @@ class SourceBank:
             norm = torch.linalg.vector_norm(xf, dim=-1)
             inv = self._inv_rms.select(1, i)
             torch.addcmul(self._eps, norm, norm, value=1.0 / xf.shape[-1], out=inv).rsqrt_()  # (|u|²/D + eps)^-½
-            logits = self._logits.select(1, i)
-            torch.mm(xf, self._keys, out=logits)
+            k = self.first_readers[i]
+            logits = self._logits[:, i, k:]
+            torch.mm(xf, self._keys[:, k:], out=logits)
             logits.mul_(inv.unsqueeze(-1))
 
     def group_input(self, k: int, group: tuple[int, int], n: int, stream: Tensor, gate: Tensor | None,
@@ -668,20 +672,30 @@ class RoutingPlan:
 
     def n_sources(self) -> list[int]:
         """How many sources each routed point sees (null source excluded), for stats and reports."""
-        counts, completed, partial = [], 1, False
+        return [completed + int(partial) for completed, partial in self._visible()]
+
+    def first_readers(self) -> tuple[int, ...]:
+        """For each stored source, the first routed point that reads it (its logits are needed from there on;
+        ``n_routes`` if none does, as for the last sublayer of a parallel-residual Delta model)."""
+        completed = [c for c, _ in self._visible()]
+        return tuple(next((k for k, c in enumerate(completed) if c > i), len(completed)) for i in range(self.n_stored))
+
+    def _visible(self) -> list[tuple[int, bool]]:
+        """Per routed point: how many completed sources it reads, and whether it also reads a partial sum."""
+        points, completed, partial = [], 1, False
         for layer in range(self.n_layer):
             pair = (2 * layer, 2 * layer + 1)
             if self.parallel:
-                counts += [completed + int(self.see_partial and partial)] * 2
+                points += [(completed, self.see_partial and partial)] * 2
                 for j in pair:
                     partial, completed = self._emit(j, partial, completed)
                 continue
             for j in pair:
-                counts.append(completed + int(self.see_partial and partial))
+                points.append((completed, self.see_partial and partial))
                 partial, completed = self._emit(j, partial, completed)
         if self.route_final:
-            counts.append(completed + int(partial))
-        return counts
+            points.append((completed, partial))
+        return points
 
     def _emit(self, j: int, partial: bool, completed: int) -> tuple[bool, int]:
         return (False, completed + 1) if self.closes_group[j] else (True, completed)
@@ -783,6 +797,7 @@ class DepthRouter(nn.Module):
         self.config_dict: dict = {}  # what built this router; saved and checked with the weights
         self._pool = BufferPool()
         self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
+        self._first_readers = plan.first_readers()
         self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()
 
@@ -838,7 +853,7 @@ class DepthRouter(nn.Module):
         stats = {} if self.record_stats else None
         if self._use_bank():
             queries = self._stacked_queries(_compute_dtype(x0.dtype))
-            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool)
+            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers)
             if self.gate is not None and any(self._groups):
                 bank.gate = self.gate
             token = _emit(bank, 0, x0, queries)

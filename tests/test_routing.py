@@ -92,6 +92,9 @@ def test_only_sources_someone_reads_are_stored() -> None:
     assert RoutingPlan.for_mode("delta", 3, 1, False).n_stored == 6  # x0 and the first five outputs
     assert RoutingPlan.for_mode("delta_block", 6, 3, False).n_stored == 3  # x0 and two of three blocks
     assert RoutingPlan.for_mode("attnres_full", 2, 1, False).n_stored == 5  # the final route reads all
+    # a source's logits are computed from its first reader on; nobody reads the last one of a parallel layer
+    assert RoutingPlan.for_mode("delta", 3, 1, True).first_readers() == (0, 2, 2, 4, 4, 6)
+    assert RoutingPlan.for_mode("attnres_block", 4, 2, False).first_readers() == (0, 4, 8)
     router = DepthRouter(RoutingPlan.for_mode("delta_block", 6, 3, False), 8, gate=False, null_source=False)
     assert router.start(torch.randn(2, 3, 8)).bank.values.shape == (6, 3, 8)
 
