@@ -194,7 +194,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {int(r["step"]): float(r["train_loss"]) for r in rows if r.get("train_loss")}
 
 
-STEPS = 40
+STEPS = 80
 
 
 @pytest.mark.slow
@@ -213,9 +213,10 @@ def test_sigkill_and_resume_continues_exactly(tmp_path: Path) -> None:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while time.time() < deadline and not last.exists() and proc.poll() is None:
-        time.sleep(0.1)
-    time.sleep(1.0)  # into the steps after the first checkpoint (step 10 of 40)
+    size = -1
+    while time.time() < deadline and proc.poll() is None and not (last.exists() and last.stat().st_size == size):
+        size = last.stat().st_size if last.exists() else -1
+        time.sleep(0.2)  # until the first checkpoint (step 10 of 80) is written completely
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
