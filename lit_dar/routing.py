@@ -293,13 +293,15 @@ class SourceBank:
             mixtures = torch.bmm(w.transpose(1, 2), self.values[:, :n])  # (lead, K, D)
             return _Group(k1, n, alpha, gate, mixtures.view(*lead_shape, K, -1).unbind(-2))
 
-    def keep(self, k: int, n: int, g: Tensor, group: tuple[int, int]) -> None:
-        """Backward of a grouped routed point: only keep its gradient; the group's weight gradients are
-        computed together, once all of its points' gradients are in (:meth:`_group_grads`)."""
+    def keep(self, k: int, n: int, g: Tensor, group: tuple[int, int] | None = None) -> None:
+        """Keep routed point ``k``'s gradient ``g`` (it read ``n`` sources). A point of a ``group`` leaves only
+        this: the group's weight gradients are computed together, once all of its points' gradients are in
+        (:meth:`_group_grads`)."""
         self._grad_buffers()
         self.grads[:, k].copy_(g.reshape(self.lead, -1))
         self.readers[k] = n
-        self.pending.add(group[0])
+        if group is not None:
+            self.pending.add(group[0])
 
     def _group_grads(self, k0: int, d_gate: Tensor | None) -> None:
         """``dw``, ``dlogit`` and ``w`` of every point of group ``k0`` from one product over its sources;
@@ -335,11 +337,9 @@ class SourceBank:
         ``Σ_k w_ki g_k`` in one batched pass over their ``g_k``, rather than ``n`` read-modify-writes of a
         gradient per routed point.
         """
-        self._grad_buffers()
-        self.grads[:, k].copy_(g)
+        self.keep(k, n, g)
         self.w[:, :n, k] = w
         self.d_logit[:, :n, k] = d_logit
-        self.readers[k] = n
 
     def _grad_buffers(self) -> None:
         if self.grads is None:
