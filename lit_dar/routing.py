@@ -147,10 +147,12 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 _NULL_CONTEXT = nullcontext()
 
 
+def _autocast_on(device: torch.device) -> bool:
+    return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+
+
 def _no_autocast(device: torch.device):
-    if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return _NULL_CONTEXT
+    return torch.autocast(device.type, enabled=False) if _autocast_on(device) else _NULL_CONTEXT
 
 
 class BufferPool:
@@ -234,7 +236,7 @@ class SourceBank:
             (self.values.data, self.inv_rms.data, self.logits.data) if grad else (self.values, self.inv_rms, self.logits)
         )
         self._keys = self.queries.t()
-        self._autocast = x0.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x0.device.type)
+        self._autocast = _autocast_on(x0.device)
         self._eps = self.pool.constant(eps, **opts)
         # logits are computed only for the routed points that can read a source (Delta: half of them)
         self.first_readers = first_readers or (0,) * capacity
