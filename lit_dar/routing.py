@@ -139,6 +139,15 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 # ``dlogitᵀ @ (inv·u)`` as the gradient of the stacked queries ``Q``. The buffers come from a per-router
 # pool (:class:`BufferPool`), so steady-state training maps no new memory.
 #
+# Consecutive routed points read prefixes of the same sources, and consecutive sources are read by nested
+# sets of routed points. Both let one product serve a *window* of up to K of them: forward, the first point
+# of a window mixes the window's shared prefix for every point of it (each point then adds only its newer
+# sources, rescaled by the weight its softmax gives the prefix; ``window_input``); backward, the first
+# source of a window released sums the value gradients of the K sources over their common readers (each
+# then adds only the readers whose backward ran since; ``_value_ahead``). Two of the three reads of a source
+# per routed point (the mixture and the gradient sum) are then shared K ways; the third (``dα = U·g``)
+# needs each point's own gradient and cannot be.
+#
 # Bank writes go through ``.data``: a source slot is written once (again, with the same values, when
 # activation checkpointing replays a block), never changed after a routed point has read it, so the
 # autograd version check that the writes would trip is not needed.
@@ -207,7 +216,7 @@ class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
     def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None,
-                 first_readers: tuple[int, ...] | None = None) -> None:
+                 first_readers: tuple[int, ...] | None = None, lookahead: int = 4, lookahead_tokens: int = 256) -> None:
         D = x0.shape[-1]
         dtype = _compute_dtype(x0.dtype)
         self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
@@ -240,6 +249,16 @@ class SourceBank:
         self._eps = self.pool.constant(eps, **opts)
         # logits are computed only for the routed points that can read a source (Delta: half of them)
         self.first_readers = first_readers or (0,) * capacity
+        # windows of up to ``lookahead`` sources whose value gradients come from one product (_value_ahead);
+        # below ``lookahead_tokens`` tokens (decoding) a pass is cheaper than the ops a window adds
+        self.lookahead, self.lookahead_tokens = lookahead, lookahead_tokens
+        self._ahead: tuple[int, int, set[int], Tensor] | None = None
+        self._ahead_buffer: Tensor | None = None
+        # forward: per routed point its window [k0, k1) of points whose prefix mixtures come from one product
+        self.windows: tuple[tuple[int, int] | None, ...] = ()
+        self.window_gates: Tensor | None = None  # every routed point's gate (detached), for a window's product
+        self._mix: tuple[int, int, Tensor] | None = None
+        self._mix_buffer: Tensor | None = None
 
     def write(self, i: int, u: Tensor) -> None:
         """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
@@ -302,6 +321,8 @@ class SourceBank:
         self._grad_buffers()
         self.grads[:, k].copy_(g.reshape(self.lead, -1))
         self.readers[k] = n
+        if self._ahead is not None and k in self._ahead[2]:  # a new backward through a retained graph
+            self._ahead = None
         if group is not None:
             self.pending.add(group[0])
 
@@ -323,6 +344,75 @@ class SourceBank:
             w, d_alpha = a * gate, dw * gate
         self.w[:, : e.n, k0 : e.k1] = w.transpose(1, 2)
         self.d_logit[:, : e.n, k0 : e.k1] = (a * (d_alpha - (a * d_alpha).sum(-1, keepdim=True))).transpose(1, 2)
+
+    def window_input(self, k: int, n: int, base: Tensor | None, gate: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """``base + g_k·Σ_i α_ki u_i`` (``(lead, D)``) and the weights ``α_k`` of routed point ``k`` over the first
+        ``n`` sources, through its window; ``None`` if the window's product is gone (a block replayed by
+        activation checkpointing without its window's first point): the caller then mixes directly.
+
+        The points ``k0 … k1−1`` of a window read prefixes of the same sources, ``n0`` of them for the first.
+        The first computes, in one product, every point's mixture over those ``n0`` sources, each normalised
+        over them (``P_j``); point ``k`` then needs only its own ``n − n0`` newer sources:
+        ``Σ_i α_ki u_i = (Σ_{i<n0} α_ki)·P_j + Σ_{i≥n0} α_ki u_i``, since its full softmax restricted to the
+        prefix is the prefix softmax times that sum. The ``n0`` shared sources are read once per window.
+        """
+        k0, k1 = self.windows[k]
+        if k == k0:
+            alpha_all = torch.softmax(self.logits[:, :n, k0:k1], dim=1)  # (lead, n0, K)
+            w = alpha_all if self.window_gates is None else alpha_all * self.window_gates[k0:k1]
+            mix = self._scratch("_mix_buffer", k1 - k0)
+            torch.bmm(w.transpose(1, 2), self.values[:, :n], out=mix)
+            self._mix = (k0, n, mix)
+            part = mix[:, 0]  # the first point's own mixture: its prefix is all it reads
+            return (part.clone() if base is None else base + part), alpha_all[:, :, 0].contiguous()
+        if self._mix is None or self._mix[0] != k0:
+            return None
+        _, n0, mix = self._mix
+        alpha = torch.softmax(self.logits[:, :n, k], -1)
+        scale, part = alpha[:, :n0].sum(-1, keepdim=True), mix[:, k - k0]
+        out = part * scale if base is None else torch.addcmul(base, scale, part)
+        if n > n0:
+            w_new = alpha[:, n0:] if gate is None else alpha[:, n0:] * gate
+            out.unsqueeze(1).baddbmm_(w_new.unsqueeze(1), self.values[:, n0:n])
+        return out, alpha
+
+    @staticmethod
+    def _index(ks: list[int], device: torch.device) -> slice | Tensor:
+        return slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else torch.tensor(ks, device=device)
+
+    def _value_ahead(self, i: int, ks: list[int]) -> tuple[Tensor | None, list[int]]:
+        """The value-path sum ``Σ_k w_ki g_k`` of source ``i`` over the readers a window already covered, and
+        the readers it still lacks; ``(None, ks)`` without a window (or with fewer than ``2K`` readers, where
+        the ``K`` rows the product writes cost about what it saves).
+
+        Sources are released last first, and the readers of source ``i`` are all readers of every earlier
+        source. So when source ``i`` is released, one product over its readers' gradients gives the value
+        sums of sources ``i−K+1 … i`` at once (``(K×r)·(r×D)`` per token: the ``g_k`` are read once, not
+        ``K`` times); each of those sources then adds only the readers whose backward ran since.
+        """
+        window = self._ahead
+        if window is not None and window[0] <= i <= window[1]:
+            lo, _, covered, sums = window
+            return sums[:, i - lo], [k for k in ks if k not in covered]
+        if self.lookahead < 2 or i == 0 or len(ks) < 2 * self.lookahead or self.lead < self.lookahead_tokens:
+            return None, ks
+        lo = max(0, i - self.lookahead + 1)
+        idx = self._index(ks, self.values.device)
+        sums = self._scratch("_ahead_buffer", i - lo + 1)
+        torch.bmm(self.w[:, lo : i + 1, idx], self.grads[:, idx], out=sums)
+        self._ahead = (lo, i, set(ks), sums)
+        return sums[:, i - lo], []
+
+    def _scratch(self, name: str, rows: int) -> Tensor:
+        """A pooled ``(lead, rows, D)`` buffer (``rows ≤ lookahead``) for the window products: one buffer per
+        direction, since the windows of one direction never overlap in time (a replayed block recomputes)."""
+        buf = getattr(self, name)
+        if buf is None:
+            lead, _, D = self.values.shape
+            key, (buf,) = self.pool.take((lead * self.lookahead * D,), dtype=self.values.dtype, device=self.values.device)
+            self._borrowed.append((key, (buf,)))
+            setattr(self, name, buf)
+        return buf[: self.lead * rows * self.values.shape[-1]].view(self.lead, rows, -1)
 
     def __del__(self) -> None:
         for key, tensors in getattr(self, "_borrowed", ()):
@@ -368,16 +458,23 @@ class SourceBank:
             self.pending.discard(k0)
         ks = sorted(k for k, n in self.readers.items() if n > i)
         if i == 0:  # the last source released: a second backward through a retained graph starts afresh
-            self.readers = {}
+            self.readers, self._ahead = {}, None
         if not ks:
             return None, None, d_gate
-        idx = slice(ks[0], ks[-1] + 1) if ks[-1] - ks[0] + 1 == len(ks) else torch.tensor(ks, device=u.device)
+        idx = self._index(ks, u.device)
         inv = self.inv_rms[:, i].unsqueeze(-1)
         d_logit = self.d_logit[:, i, idx]
         queries = self.queries[idx].to(u.dtype)
         c = d_logit * inv  # (lead, readers): coefficient of q_k
-        grad = torch.bmm(self.w[:, i, idx].unsqueeze(1), self.grads[:, idx]).squeeze(1)
-        grad.addmm_(c, queries)
+        head, new = self._value_ahead(i, ks)
+        if head is None:
+            grad = torch.bmm(self.w[:, i, idx].unsqueeze(1), self.grads[:, idx]).squeeze(1)
+            grad.addmm_(c, queries)
+        else:  # Σ_k w_ki g_k over the readers the window already summed, plus the new ones
+            grad = torch.addmm(head, c, queries)
+            if new:
+                new = self._index(new, u.device)
+                grad.unsqueeze(1).baddbmm_(self.w[:, i, new].unsqueeze(1), self.grads[:, new])
         c_u = (d_logit * self.logits[:, i, idx]).sum(-1, keepdim=True) * inv.square() / u.shape[-1]
         grad.addcmul_(c_u, u, value=-1.0)
         d_queries = None
@@ -557,10 +654,16 @@ def _bank_forward(q: Tensor, bank: SourceBank, n: int, k: int, pre: Tensor | Non
         dtype = values.dtype
         post_f = None if post is None else _as(post.reshape(bank.lead, -1), dtype)
         pre_f = None if pre is None else _as(pre, dtype)
-        alpha = torch.softmax(_bank_logits(bank.logits, n, k, q, pre_f, post_f, bank.eps), -1)
-        w = alpha if gate is None else alpha * gate
         base = None if stream is None else _as(stream.reshape(bank.lead, -1), dtype)
-        out = _bank_mix(values, w, n, pre_f, post_f, base)
+        windowed = None
+        if k < len(bank.windows) and bank.windows[k] is not None and pre is None and post is None:
+            windowed = bank.window_input(k, n, base, gate)
+        if windowed is not None:
+            out, alpha = windowed
+        else:
+            alpha = torch.softmax(_bank_logits(bank.logits, n, k, q, pre_f, post_f, bank.eps), -1)
+            w = alpha if gate is None else alpha * gate
+            out = _bank_mix(values, w, n, pre_f, post_f, base)
     if stats is not None:
         stats[k] = alpha.view(*bank.shape[:-1], -1).detach()
     return _as(out.view(bank.shape), bank.out_dtype), alpha, pre_f, post_f
@@ -763,6 +866,27 @@ def _shared_source_groups(plan: RoutingPlan) -> tuple[tuple[int, int] | None, ..
     return tuple(groups)
 
 
+def _lookahead_windows(plan: RoutingPlan, groups: tuple[tuple[int, int] | None, ...],
+                       size: int) -> tuple[tuple[int, int] | None, ...]:
+    """Per routed point, its window ``[k0, k1)`` of up to ``size`` consecutive routed points that mix
+    through one product (:meth:`SourceBank.window_input`), or ``None``. Points of a shared-source group have
+    their own product; a visible partial sum is not a bank source, so such plans get no windows."""
+    windows: list[tuple[int, int] | None] = [None] * len(groups)
+    if size < 2 or plan.see_partial:
+        return tuple(windows)
+    # a window pays when its shared prefix is long against the K rows its product writes
+    eligible = [g is None and n >= 2 * size for g, n in zip(groups, plan.n_sources())] + [False]
+    run: list[int] = []
+    for k, ok in enumerate(eligible):
+        if ok and len(run) < size:
+            run.append(k)
+            continue
+        if len(run) > 1:
+            windows[run[0] : run[-1] + 1] = [(run[0], run[-1] + 1)] * len(run)
+        run = [k] if ok else []
+    return tuple(windows)
+
+
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
@@ -800,6 +924,11 @@ class DepthRouter(nn.Module):
         self._pool = BufferPool()
         self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
         self._first_readers = plan.first_readers()
+        # up to ``lookahead`` routed points (forward) or sources (backward) share one pass over what they read
+        # (SourceBank.window_input, _value_ahead), from ``lookahead_tokens`` tokens on: tuning knobs of the
+        # same function (0 turns the sharing off)
+        self.lookahead, self.lookahead_tokens = 4, 256
+        self._window_cache: tuple[int, tuple] = (-1, ())
         self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()
 
@@ -855,12 +984,21 @@ class DepthRouter(nn.Module):
         stats = {} if self.record_stats else None
         if self._use_bank():
             queries = self._stacked_queries(_compute_dtype(x0.dtype))
-            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers)
+            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers,
+                              self.lookahead, self.lookahead_tokens)
+            if bank.lead >= self.lookahead_tokens and self.null is None:
+                bank.windows = self._windows()
+                bank.window_gates = self.gate.detach() if self.gate is not None and self.plan.additive else None
             if self.gate is not None and any(self._groups):
                 bank.gate = self.gate
             token = _emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
         return RoutingState((x0,), None, stats)
+
+    def _windows(self) -> tuple[tuple[int, int] | None, ...]:
+        if self._window_cache[0] != self.lookahead:
+            self._window_cache = (self.lookahead, _lookahead_windows(self.plan, self._groups, self.lookahead))
+        return self._window_cache[1]
 
     def _stacked_queries(self, dtype: torch.dtype) -> Tensor:
         """``query ∘ key_gain`` for every routed point; without grad (decoding) it is recomputed only when the

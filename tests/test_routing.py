@@ -99,6 +99,25 @@ def test_only_sources_someone_reads_are_stored() -> None:
     assert router.start(torch.randn(2, 3, 8)).bank.values.shape == (6, 3, 8)
 
 
+def test_lookahead_windows() -> None:
+    """Runs of up to K routed points share one product over their common sources, where that prefix has at
+    least 2K sources; grouped points (Delta Block) and plans with a visible partial sum get none."""
+    from lit_dar.routing import _lookahead_windows, _shared_source_groups
+
+    def windows(mode, n_layer, parallel=False, size=2):
+        plan = RoutingPlan.for_mode(mode, n_layer, 2, parallel)
+        return _lookahead_windows(plan, _shared_source_groups(plan), size)
+
+    # Delta, L 3: routed point k reads k+1 sources; from 4 sources on, windows of two
+    assert windows("delta", 3) == (None, None, None, (3, 5), (3, 5), None)
+    assert windows("delta", 3, size=3) == (None,) * 6  # only the last point reads 6 sources: a run of one
+    # parallel layers: both sublayers read the same sources (counts 1 1 3 3 5 5 7)
+    assert windows("attnres_full", 3, parallel=True) == (None,) * 4 + ((4, 6), (4, 6), None)
+    assert windows("delta_block", 4) == (None,) * 8
+    assert windows("attnres_block", 4) == (None,) * 9
+    assert windows("delta", 3, size=0) == (None,) * 6
+
+
 def test_layers_per_block() -> None:
     assert layers_per_block(12, 4) == 3
     assert layers_per_block(36, 8) == 5  # 7 blocks of 5 and one of 1
