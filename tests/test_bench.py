@@ -27,6 +27,22 @@ def test_quick_benchmark_reports_all_fields(tmp_path) -> None:
     assert "Delta Block" in (tmp_path / "q.md").read_text()
 
 
+def test_routing_time_script_measures_each_setting() -> None:
+    """benchmarks/routing_time.py (the low-noise measure of a routing change) on a tiny model."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_time.py"
+    spec = importlib.util.spec_from_file_location("routing_time", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    report = script.main(["--quick", "--layers", "6", "--lookahead", "0", "2", "--rounds", "1"])
+    assert set(report) == {0, 2}
+    for row in report.values():
+        assert row["min_ms"] > 0
+        assert {"_BankRoute", "_BankRouteBackward", "_Emit", "_EmitBackward"} <= set(row["per_function_ms"])
+
+
 def test_num_blocks_fallback() -> None:
     assert bench.valid_num_blocks(12, 4) == 4
     assert bench.valid_num_blocks(6, 4) == 3

@@ -1,0 +1,76 @@
+"""Time spent in the routing per training step of a real LitGPT model, for router settings side by side.
+
+On a shared machine whole-step ratios move by a few percent from run to run, more than a change of the
+routing itself is worth. The profiler's time inside the routing's autograd functions (forward and
+backward of the source bank) moves far less, so this script is what measures such a change: one patched
+model, one setting after the other, interleaved for a few rounds, minimum and median per setting.
+
+    python benchmarks/routing_time.py --layers 24 --mode delta --lookahead 0 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lit_dar.bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
+from lit_dar.routing import DepthRouter  # noqa: E402
+
+# the autograd functions of the bank path; the time of their forward and backward is routing's own
+ROUTING_FUNCTIONS = ("_BankRoute", "_GroupRoute", "_Emit")
+
+
+def routing_ms(step) -> tuple[float, dict[str, float]]:
+    """Milliseconds spent inside the routing functions during ``step()``, in total and per function."""
+    with profile() as prof:
+        step()
+    per = Counter()
+    for event in prof.events():
+        if event.name.removesuffix("Backward") in ROUTING_FUNCTIONS:
+            per[event.name] += event.cpu_time_total / 1e3
+    return sum(per.values()), dict(per)
+
+
+def main(argv: list[str] | None = None) -> dict[int, dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--mode", default="delta")
+    p.add_argument("--lookahead", type=int, nargs="+", default=[0, 4], help="router.lookahead values to compare")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny model: a smoke test")
+    args = p.parse_args(argv)
+    settings = BenchSettings.quick(modes=(args.mode,)) if args.quick else BenchSettings(modes=(args.mode,))
+    torch.set_num_threads(settings.threads)
+    trainer = build_trainers(settings, args.layers, torch.device(settings.device))[1][0]
+    routers = [m for m in trainer.model.modules() if isinstance(m, DepthRouter)]
+    if args.quick:  # tiny batches stay below the token count from which windows pay
+        for router in routers:
+            router.lookahead_tokens = 0
+    _malloc_returns_memory(False)  # reuse freed blocks, as in the benchmark's timing phase
+    results: dict[int, list] = {k: [] for k in args.lookahead}
+    for _ in range(args.rounds):
+        for k in args.lookahead:
+            for router in routers:
+                router.lookahead = k
+            trainer.step()  # warm-up with this setting
+            results[k].append(routing_ms(trainer.step))
+    report = {}
+    for k, runs in results.items():
+        totals = [t for t, _ in runs]
+        best = min(runs, key=lambda r: r[0])[1]
+        report[k] = {"min_ms": min(totals), "median_ms": statistics.median(totals), "per_function_ms": best}
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(best.items()))
+        print(f"lookahead {k}: routing {min(totals):.1f} ms (median {statistics.median(totals):.1f}) per step; {parts}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
