@@ -232,7 +232,6 @@ def generate(
         top_k: Sample among the k most likely tokens.
         seed: Random seed.
     """
-    from litgpt import Tokenizer
     from litgpt.generate.base import generate as litgpt_generate
 
     from lit_dar.patch import load_model

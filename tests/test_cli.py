@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 from litgpt import Config
 

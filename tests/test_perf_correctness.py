@@ -9,8 +9,9 @@ import torch
 from litgpt import GPT, Config
 
 from lit_dar import DARConfig, patch_model
+from lit_dar import bank as bank_module
 from lit_dar import routing
-from lit_dar.routing import DepthRouter, RoutingPlan, SourceBank
+from lit_dar.bank import SourceBank
 
 MODES = ["delta", "delta_block", "attnres_full", "attnres_block"]
 IMPLS = ["bank", "op", "autograd"]
@@ -65,7 +66,7 @@ def _windows_on(model: GPT, size: int = 2) -> dict[str, int]:
     """Turn on the lookahead windows at any token count, and count how often they are used."""
     model.dar.lookahead, model.dar.lookahead_tokens = size, 0
     used = {"forward": 0, "direct": 0, "backward": 0}
-    bank_cls = routing.SourceBank
+    bank_cls = SourceBank
     window_input, value_ahead = bank_cls.window_input, bank_cls._value_ahead
 
     def spy_input(self, *a):
@@ -121,8 +122,8 @@ def test_lookahead_windows_give_the_same_gradients(mode: str, parallel: bool, si
 def _bank_route(sources, q, pre=None, post=None, stream=None, gate=None, eps=1e-6):
     """One routed point over ``sources`` through the bank path (as the router runs it)."""
     bank = SourceBank(sources[0], len(sources), q.unsqueeze(0), eps)
-    tokens = [routing._Emit.apply(bank, i, u, q.unsqueeze(0), None) for i, u in enumerate(sources)]
-    return routing._BankRoute.apply(q, bank, len(sources), 0, pre, post, stream, gate, None, *tokens)
+    tokens = [bank_module._Emit.apply(bank, i, u, q.unsqueeze(0), None) for i, u in enumerate(sources)]
+    return bank_module._BankRoute.apply(q, bank, len(sources), 0, pre, post, stream, gate, None, *tokens)
 
 
 @pytest.mark.parametrize("n", [1, 3])
