@@ -182,9 +182,13 @@ def test_zero_gate_is_bit_exact_identity(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kv_cache_decode_matches_full_forward(mode: str) -> None:
-    model = _model(mode, null_source=True).eval()
+@pytest.mark.parametrize("windows", [False, True])
+def test_kv_cache_decode_matches_full_forward(mode: str, windows: bool) -> None:
+    """Prefill and token-by-token decoding against one full forward: with a null source, or with lookahead
+    windows (which a null source turns off) at every token count, decoded tokens included."""
+    model = _model(mode, null_source=not windows, n_layer=6 if windows else 4).eval()
     _randomize_routing(model)
+    used = _windows_on(model) if windows else {"forward": 0}
     idx = torch.randint(0, 64, (3, 10))
     with torch.no_grad():
         full = model(idx)
@@ -193,6 +197,7 @@ def test_kv_cache_decode_matches_full_forward(mode: str) -> None:
         for t in range(6, 10):
             steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t])))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert (used["forward"] > 0) == (windows and mode in ("delta", "attnres_full"))
 
 
 @pytest.mark.parametrize("mode", ["delta", "delta_block"])
