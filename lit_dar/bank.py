@@ -114,7 +114,7 @@ class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
     def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None,
-                 first_readers: tuple[int, ...] | None = None, lookahead: int = 4, lookahead_tokens: int = 256) -> None:
+                 first_readers: tuple[int, ...] | None = None, lookahead: int = 0) -> None:
         D = x0.shape[-1]
         dtype = compute_dtype(x0.dtype)
         self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
@@ -147,9 +147,9 @@ class SourceBank:
         self._eps = self.pool.constant(eps, **opts)
         # logits are computed only for the routed points that can read a source (Delta: half of them)
         self.first_readers = first_readers or (0,) * capacity
-        # windows of up to ``lookahead`` sources whose value gradients come from one product (_value_ahead);
-        # below ``lookahead_tokens`` tokens (decoding) a pass is cheaper than the ops a window adds
-        self.lookahead, self.lookahead_tokens = lookahead, lookahead_tokens
+        # windows of up to ``lookahead`` sources whose value gradients come from one product (_value_ahead),
+        # and (``windows``, set by the router) of routed points whose mixtures do (window_input); 0: none
+        self.lookahead = lookahead
         self._ahead: tuple[int, int, set[int], Tensor] | None = None
         self._ahead_buffer: Tensor | None = None
         # forward: per routed point its window [k0, k1) of points whose prefix mixtures come from one product
@@ -292,7 +292,7 @@ class SourceBank:
         if window is not None and window[0] <= i <= window[1]:
             lo, _, covered, sums = window
             return sums[:, i - lo], [k for k in ks if k not in covered]
-        if self.lookahead < 2 or i == 0 or len(ks) < 2 * self.lookahead or self.lead < self.lookahead_tokens:
+        if self.lookahead < 2 or i == 0 or len(ks) < 2 * self.lookahead:
             return None, ks
         lo = max(0, i - self.lookahead + 1)
         idx = self._index(ks, self.values.device)

@@ -428,9 +428,10 @@ class DepthRouter(nn.Module):
         stats = {} if self.record_stats else None
         if self._use_bank():
             queries = self._stacked_queries(compute_dtype(x0.dtype))
-            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers,
-                              self.lookahead, self.lookahead_tokens)
-            if bank.lead >= self.lookahead_tokens and self.null is None:
+            # below ``lookahead_tokens`` tokens (decoding) a pass is cheaper than the ops a window adds
+            lookahead = self.lookahead if x0.numel() >= self.lookahead_tokens * x0.shape[-1] else 0
+            bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers, lookahead)
+            if lookahead >= 2 and self.null is None:
                 bank.windows = self._windows()
                 bank.window_gates = self.gate.detach() if self.gate is not None and self.plan.additive else None
             if self.gate is not None and any(self._groups):
