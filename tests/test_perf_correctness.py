@@ -277,6 +277,25 @@ def test_retain_graph_second_backward(mode: str, windows: bool) -> None:
     assert not windows or used["backward"] > 0
 
 
+def test_second_backward_does_not_reuse_a_stale_window() -> None:
+    """With the embedding and the routing frozen, the embedding's bank node has nothing to give a gradient
+    to and never runs backward, so nothing at source 0 clears the last window of the first backward. At
+    L 3 (K 2) that window covers the first source the second backward windows: it must be recomputed."""
+    model = _model("delta", dtype=torch.float64, gate="scalar", n_layer=3)
+    _randomize_routing(model)
+    used = _windows_on(model)
+    for p in (*model.dar.parameters(), *model.transformer.wte.parameters()):
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.randn(2, 5, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = (model(torch.randint(0, 64, (2, 5))) * weights).sum()
+    first = torch.autograd.grad(out, params, retain_graph=True)
+    second = torch.autograd.grad(out, params, grad_outputs=torch.tensor(3.0, dtype=out.dtype))
+    assert used["backward"] > 0
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, 3 * a, rtol=1e-4, atol=1e-6)  # the rope cache is fp32
+
+
 def test_bank_buffers_are_reused_only_once_their_graph_is_freed() -> None:
     """The router's pool hands a freed bank's buffers to the next forward; two live graphs never share them."""
     model = _model("delta", dtype=torch.float64)
