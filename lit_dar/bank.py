@@ -552,7 +552,7 @@ def bank_input(bank: SourceBank, k: int, n: int, q: Tensor | None, pre: Tensor |
     return _BankRoute.apply(q, bank, n, k, pre, post, stream, gate, stats, *tokens)
 
 
-def group_input(bank: SourceBank, group: tuple[int, int], k: int, n: int, stream: Tensor, gate: Tensor | None,
+def group_input(bank: SourceBank, k: int, group: tuple[int, int], n: int, stream: Tensor, gate: Tensor | None,
                 stats: dict | None, tokens: tuple[Tensor, ...]) -> Tensor:
     """The input of routed point ``k`` of a group that reads the same ``n`` sources (see :class:`_GroupRoute`)."""
     if not torch.is_grad_enabled():

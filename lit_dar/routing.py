@@ -469,7 +469,7 @@ class DepthRouter(nn.Module):
             return self.combine(k, stream, mixture)
         group = self._groups[k]
         if group is not None:  # a block of Delta Block: one product per block, not per routed point
-            return group_input(state.bank, group, k, state.n_completed, stream, self.gate, state.stats, state.tokens)
+            return group_input(state.bank, k, group, state.n_completed, stream, self.gate, state.stats, state.tokens)
         post = state.partial if (final or self.plan.see_partial) else None
         pre = self.null[k] if self.null is not None else None
         stream = stream if self.plan.additive else None

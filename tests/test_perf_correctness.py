@@ -62,12 +62,11 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=f"{impl} {name}")
 
 
-def _windows_on(model: GPT, size: int = 2) -> dict[str, int]:
+def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> dict[str, int]:
     """Turn on the lookahead windows at any token count, and count how often they are used."""
     model.dar.lookahead, model.dar.lookahead_tokens = size, 0
     used = {"forward": 0, "direct": 0, "backward": 0}
-    bank_cls = SourceBank
-    window_input, value_ahead = bank_cls.window_input, bank_cls._value_ahead
+    window_input, value_ahead = SourceBank.window_input, SourceBank._value_ahead
 
     def spy_input(self, *a):
         out = window_input(self, *a)
@@ -79,27 +78,17 @@ def _windows_on(model: GPT, size: int = 2) -> dict[str, int]:
         used["backward"] += out[0] is not None
         return out
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(bank_cls, "window_input", spy_input)
-    mp.setattr(bank_cls, "_value_ahead", spy_ahead)
-    _UNDO.append(mp)
+    monkeypatch.setattr(SourceBank, "window_input", spy_input)
+    monkeypatch.setattr(SourceBank, "_value_ahead", spy_ahead)
     return used
-
-
-_UNDO: list[pytest.MonkeyPatch] = []
-
-
-@pytest.fixture(autouse=True)
-def _undo_spies():
-    yield
-    while _UNDO:
-        _UNDO.pop().undo()
 
 
 @pytest.mark.parametrize("mode", ["delta", "delta_block", "attnres_full"])
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("size", [2, 3])
-def test_lookahead_windows_give_the_same_gradients(mode: str, parallel: bool, size: int) -> None:
+def test_lookahead_windows_give_the_same_gradients(
+    mode: str, parallel: bool, size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Routed points that share one product over their common sources (forward), and sources whose value
     gradients come from one product over their readers (backward), give plain autograd's gradients."""
     torch.manual_seed(0)
@@ -109,7 +98,7 @@ def test_lookahead_windows_give_the_same_gradients(mode: str, parallel: bool, si
     _randomize_routing(model)
     idx = torch.randint(0, 64, (2, 7))
     ref_out, ref = _grads(model, idx, "autograd")
-    used = _windows_on(model, size)
+    used = _windows_on(monkeypatch, model, size)
     out, grads = _grads(model, idx, "bank")
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     for name in ref:
@@ -183,12 +172,12 @@ def test_zero_gate_is_bit_exact_identity(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("windows", [False, True])
-def test_kv_cache_decode_matches_full_forward(mode: str, windows: bool) -> None:
+def test_kv_cache_decode_matches_full_forward(mode: str, windows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill and token-by-token decoding against one full forward: with a null source, or with lookahead
     windows (which a null source turns off) at every token count, decoded tokens included."""
     model = _model(mode, null_source=not windows, n_layer=6 if windows else 4).eval()
     _randomize_routing(model)
-    used = _windows_on(model) if windows else {"forward": 0}
+    used = _windows_on(monkeypatch, model) if windows else {"forward": 0}
     idx = torch.randint(0, 64, (3, 10))
     with torch.no_grad():
         full = model(idx)
@@ -203,7 +192,9 @@ def test_kv_cache_decode_matches_full_forward(mode: str, windows: bool) -> None:
 @pytest.mark.parametrize("mode", ["delta", "delta_block"])
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("windows", [False, True])
-def test_forward_without_grad_matches_training_forward(mode: str, parallel: bool, windows: bool) -> None:
+def test_forward_without_grad_matches_training_forward(
+    mode: str, parallel: bool, windows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without grad, the routed points of a block (which read the same sources) get their mixtures from one
     product per block; outputs and recorded weights equal the training forward's."""
     torch.manual_seed(0)
@@ -211,7 +202,7 @@ def test_forward_without_grad_matches_training_forward(mode: str, parallel: bool
     patch_model(model, DARConfig(mode=mode, num_blocks=2, gate="scalar"))
     _randomize_routing(model)
     if windows:
-        _windows_on(model)
+        _windows_on(monkeypatch, model)
     model.dar.record_stats = True
     idx = torch.randint(0, 64, (2, 7))
     out, weights = model(idx), model.dar.last_weights
@@ -241,7 +232,9 @@ def test_forward_without_grad_follows_parameter_updates() -> None:
     ("delta", "none", 1, False), ("attnres_block", "none", 1, False), ("delta_block", "scalar", 1, False),
     ("delta_block", "scalar", 2, False), ("delta", "scalar", 1, True), ("delta", "scalar", 2, True),
 ])
-def test_activation_checkpointing_gradients(mode: str, gate: str, every: int, windows: bool) -> None:
+def test_activation_checkpointing_gradients(
+    mode: str, gate: str, every: int, windows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Blocks re-run during backward (non-reentrant checkpointing) give the same gradients, also when only
     some of the layers of a Delta Block block (whose routed points share their mixtures) are re-run, or a
     lookahead window starts in a layer that is not re-run (its points then mix directly)."""
@@ -252,7 +245,7 @@ def test_activation_checkpointing_gradients(mode: str, gate: str, every: int, wi
     idx = torch.randint(0, 64, (2, 7))
     _, ref = _grads(model, idx, "autograd" if windows else "bank")
     if windows:
-        used = _windows_on(model)
+        used = _windows_on(monkeypatch, model)
     for block in model.transformer.h[::every]:
         forward = block.forward
         block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
@@ -264,11 +257,11 @@ def test_activation_checkpointing_gradients(mode: str, gate: str, every: int, wi
 
 
 @pytest.mark.parametrize(("mode", "windows"), [("delta_block", False), ("delta", True)])
-def test_retain_graph_second_backward(mode: str, windows: bool) -> None:
+def test_retain_graph_second_backward(mode: str, windows: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A second backward through a retained graph starts afresh (bank gradients, window sums)."""
     model = _model(mode, dtype=torch.float64, n_layer=6 if windows else 4)
     _randomize_routing(model)
-    used = _windows_on(model) if windows else {}
+    used = _windows_on(monkeypatch, model) if windows else {}
     out = model(torch.randint(0, 64, (2, 5))).sum()
     first = torch.autograd.grad(out, list(model.parameters()), retain_graph=True)
     second = torch.autograd.grad(out, list(model.parameters()), grad_outputs=torch.tensor(3.0, dtype=out.dtype))
@@ -277,13 +270,13 @@ def test_retain_graph_second_backward(mode: str, windows: bool) -> None:
     assert not windows or used["backward"] > 0
 
 
-def test_second_backward_does_not_reuse_a_stale_window() -> None:
+def test_second_backward_does_not_reuse_a_stale_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the embedding and the routing frozen, the embedding's bank node has nothing to give a gradient
     to and never runs backward, so nothing at source 0 clears the last window of the first backward. At
     L 3 (K 2) that window covers the first source the second backward windows: it must be recomputed."""
     model = _model("delta", dtype=torch.float64, gate="scalar", n_layer=3)
     _randomize_routing(model)
-    used = _windows_on(model)
+    used = _windows_on(monkeypatch, model)
     for p in (*model.dar.parameters(), *model.transformer.wte.parameters()):
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
