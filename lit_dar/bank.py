@@ -42,9 +42,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 # of a window mixes the window's shared prefix for every point of it (each point then adds only its newer
 # sources, rescaled by the weight its softmax gives the prefix; ``window_input``); backward, the first
 # source of a window released sums the value gradients of the K sources over their common readers (each
-# then adds only the readers whose backward ran since; ``_value_ahead``). Two of the three reads of a source
-# per routed point (the mixture and the gradient sum) are then shared K ways; the third (``dα = U·g``)
-# needs each point's own gradient and cannot be.
+# then adds only the readers whose backward ran since; ``_value_ahead``). The third read, ``dα = U·g``, needs
+# every point's own gradient; where a window's shared prefix is long, its points defer it until all of
+# their gradients are in and it is one product too (``window_backward``): the softmax's coupling term each
+# point needs at once comes from its prefix mixture, recomputed for the window by one more product.
 #
 # Bank writes go through ``.data``: a source slot is written once (again, with the same values, when
 # activation checkpointing replays a block), never changed after a routed point has read it, so the
@@ -78,9 +79,11 @@ class BufferPool:
         self._free: dict[tuple, list[tuple[Tensor, ...]]] = {}
         self._constants: dict[tuple, Tensor] = {}
 
-    def take(self, *shapes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple[tuple, tuple[Tensor, ...]]:
-        """Uninitialised tensors of these shapes, and the key to :meth:`give_back` them under."""
-        key = (shapes, dtype, device, torch.is_inference_mode_enabled())  # inference tensors stay in inference mode
+    def take(self, *shapes: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+             tag: str = "") -> tuple[tuple, tuple[Tensor, ...]]:
+        """Uninitialised tensors of these shapes, and the key to :meth:`give_back` them under (``tag`` keeps
+        buffers of the same shapes but different uses apart, so each finds its own spare)."""
+        key = (shapes, dtype, device, torch.is_inference_mode_enabled(), tag)  # inference tensors stay in inference mode
         free = self._free.get(key)
         return key, free.pop() if free else tuple(torch.empty(s, dtype=dtype, device=device) for s in shapes)
 
@@ -152,11 +155,16 @@ class SourceBank:
         self.lookahead = lookahead
         self._ahead: tuple[int, int, set[int], Tensor] | None = None
         self._ahead_buffer: Tensor | None = None
-        # forward: per routed point its window [k0, k1) of points whose prefix mixtures come from one product
-        self.windows: tuple[tuple[int, int] | None, ...] = ()
+        # per routed point its window (k0, k1, n0): points [k0, k1) whose first n0 sources go through one
+        # product forward (window_input) and two backward (window_backward, _window_grads); set by the router
+        self.windows: tuple[tuple[int, int, int] | None, ...] = ()
         self.window_gates: Tensor | None = None  # every routed point's gate (detached), for a window's product
         self._mix: tuple[int, int, Tensor] | None = None
         self._mix_buffer: Tensor | None = None
+        self._prefix: tuple[int, Tensor] | None = None  # backward: the prefix mixtures of window k0
+        self._prefix_buffer: Tensor | None = None
+        self.e: Tensor | None = None  # (lead, R): e_k = g_k · Σ_i α_ki u_i, of windowed points
+        self.pending_windows: dict[int, set[int]] = {}  # window k0 → its points whose prefix dlogit is deferred
 
     def write(self, i: int, u: Tensor) -> None:
         """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
@@ -254,7 +262,7 @@ class SourceBank:
         ``Σ_i α_ki u_i = (Σ_{i<n0} α_ki)·P_j + Σ_{i≥n0} α_ki u_i``, since its full softmax restricted to the
         prefix is the prefix softmax times that sum. The ``n0`` shared sources are read once per window.
         """
-        k0, k1 = self.windows[k]
+        k0, k1, _ = self.windows[k]
         if k == k0:
             alpha_all = torch.softmax(self.logits[:, :n, k0:k1], dim=1)  # (lead, n0, K)
             w = alpha_all if self.window_gates is None else alpha_all * self.window_gates[k0:k1]
@@ -273,6 +281,61 @@ class SourceBank:
             w_new = alpha[:, n0:] if gate is None else alpha[:, n0:] * gate
             out.unsqueeze(1).baddbmm_(w_new.unsqueeze(1), self.values[:, n0:n])
         return out, alpha
+
+    def defers(self, k: int) -> bool:
+        """Whether routed point ``k``'s backward goes through its window (:meth:`window_backward`): where the
+        shared prefix is long (``n0 ≥ 4K``). Each point still makes a few small products of its own (about
+        the cost of reading 6 sources here), so shorter prefixes gain nothing."""
+        window = self.windows[k] if k < len(self.windows) else None
+        return window is not None and window[2] >= 4 * (window[1] - window[0])
+
+    def window_backward(self, k: int, n: int, g: Tensor, alpha: Tensor, gate: Tensor | None) -> Tensor:
+        """Routed point ``k``'s backward through its window: keeps ``g``, ``w`` and the ``dlogit`` of its newer
+        sources, and returns ``e = Σ_i α_ki (u_i·g)`` (``(lead,)``; the gate's gradient is its sum).
+
+        The direct backward reads all ``n`` sources for ``dα_i = u_i·g``. Only the newer ``n − n0`` are needed
+        now: their ``dlogit_i = w_i (u_i·g − e)`` go to sources released soon. The prefix's ``dα`` waits until
+        every point of the window has its gradient (:meth:`_window_grads`: one product for the window), and
+        ``e`` — the softmax's coupling term, needed now — comes from the prefix mixtures instead:
+        ``e = (Σ_{i<n0} α_ki)·(P_k·g) + Σ_{i≥n0} α_ki (u_i·g)``, with the ``P`` of the whole window recomputed
+        by one product (:meth:`_prefix_mixture`). The ``n0`` shared sources are read twice per window
+        instead of once per point.
+        """
+        k0, _, n0 = self.windows[k]
+        e = torch.linalg.vecdot(g, self._prefix_mixture(k)).mul_(alpha[:, :n0].sum(-1))  # (Σ_{i<n0} α_ki)·(P_k·g)
+        w = alpha if gate is None else alpha * gate
+        self.keep(k, n, g)
+        self.w[:, :n, k] = w
+        if n > n0:
+            dw = torch.bmm(g.unsqueeze(1), self.values[:, n0:n].transpose(1, 2)).squeeze(1)  # u_i · g
+            e += (alpha[:, n0:] * dw).sum(-1)
+            self.d_logit[:, n0:n, k] = w[:, n0:] * (dw - e.unsqueeze(-1))
+        self.e[:, k] = e
+        self.pending_windows.setdefault(k0, set()).add(k)
+        return e
+
+    def _prefix_mixture(self, k: int) -> Tensor:
+        """``P_k`` ``(lead, D)``: routed point ``k``'s mixture over its window's ``n0`` shared sources, normalised
+        over them (no gate). The first of the window's points to run backward computes all of them in one
+        product, as the forward's window did; a buffer of its own, since activation checkpointing replays
+        forward windows in the middle of a backward one."""
+        k0, k1, n0 = self.windows[k]
+        if self._prefix is None or self._prefix[0] != k0:
+            alpha = torch.softmax(self.logits[:, :n0, k0:k1], dim=1)  # (lead, n0, K)
+            prefix = self._scratch("_prefix_buffer", k1 - k0)
+            torch.bmm(alpha.transpose(1, 2), self.values[:, :n0], out=prefix)
+            self._prefix = (k0, prefix)
+        return self._prefix[1][:, k - k0]
+
+    def _window_grads(self, k0: int) -> None:
+        """The deferred prefix ``dlogit_ki = w_ki (u_i·g_k − e_k)`` of window ``k0``'s points (see
+        :meth:`window_backward`), from one product over the ``n0`` shared sources: run by the backward of the
+        first of them released, after every point of the window."""
+        n0 = self.windows[k0][2]
+        idx = self._index(sorted(self.pending_windows.pop(k0)), self.values.device)
+        dw = torch.bmm(self.grads[:, idx], self.values[:, :n0].transpose(1, 2))  # (lead, K, n0): u_i · g_k
+        d_logit = self.w[:, :n0, idx] * dw.sub_(self.e[:, idx].unsqueeze(-1)).transpose(1, 2)
+        self.d_logit[:, :n0, idx] = d_logit
 
     @staticmethod
     def _index(ks: list[int], device: torch.device) -> slice | Tensor:
@@ -307,7 +370,8 @@ class SourceBank:
         buf = getattr(self, name)
         if buf is None:
             lead, _, D = self.values.shape
-            key, (buf,) = self.pool.take((lead * self.lookahead * D,), dtype=self.values.dtype, device=self.values.device)
+            key, (buf,) = self.pool.take((lead * self.lookahead * D,), dtype=self.values.dtype,
+                                         device=self.values.device, tag=name)
             self._borrowed.append((key, (buf,)))
             setattr(self, name, buf)
         return buf[: self.lead * rows * self.values.shape[-1]].view(self.lead, rows, -1)
@@ -336,8 +400,9 @@ class SourceBank:
             lead, S, D = self.values.shape
             opts = dict(dtype=self.values.dtype, device=self.values.device)
             R = self.queries.shape[0]
-            key, (self.grads, self.w, self.d_logit) = self.pool.take((lead, R, D), (lead, S, R), (lead, S, R), **opts)
-            self._borrowed.append((key, (self.grads, self.w, self.d_logit)))
+            buffers = self.pool.take((lead, R, D), (lead, S, R), (lead, S, R), (lead, R), **opts)
+            self._borrowed.append(buffers)
+            self.grads, self.w, self.d_logit, self.e = buffers[1]
 
     def release(self, i: int, u: Tensor, queries_grad: bool,
                 gate_grad: bool = False) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -354,6 +419,8 @@ class SourceBank:
                 d_gate = torch.zeros_like(self.gate)
             self._group_grads(k0, d_gate)
             self.pending.discard(k0)
+        for k0 in [k0 for k0 in self.pending_windows if self.windows[k0][2] > i]:
+            self._window_grads(k0)
         ks = sorted(k for k, n in self.readers.items() if n > i)
         if i == 0:  # the last source released: a second backward through a retained graph starts afresh
             self.readers, self._ahead = {}, None
@@ -471,6 +538,12 @@ class _BankRoute(torch.autograd.Function):
         q, values, alpha, pre, post, gate = ctx.saved_tensors
         with _no_autocast(values.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
+            d_stream = grad_out if ctx.additive else None  # h = stream + …: the stream's gradient is h's
+            if pre is None and post is None and bank.defers(k):
+                e = bank.window_backward(k, n, g, alpha, None if gate is None else gate.to(alpha.dtype))
+                d_gate = e.sum().to(gate.dtype) if gate is not None and ctx.needs_input_grad[7] else None
+                return (None, None, None, None, None, None, d_stream, d_gate, None,
+                        *([None] * (len(ctx.needs_input_grad) - 9)))
             o = int(pre is not None)
             dw = [torch.bmm(g.unsqueeze(1), values[:, :n].transpose(1, 2)).squeeze(1)]  # dw_i = u_i · g
             if pre is not None:
@@ -503,7 +576,6 @@ class _BankRoute(torch.autograd.Function):
                     d_post = (a * g + c * q - cu * x).view(bank.shape).to(ctx.dtypes[1])
                     if d_q is not None:
                         d_q += (c * x).sum(0)
-        d_stream = grad_out if ctx.additive else None  # h = stream + …: the stream's gradient is h's
         return (d_q, None, None, None, d_pre, d_post, d_stream, d_gate, None,
                 *([None] * (len(ctx.needs_input_grad) - 9)))
 

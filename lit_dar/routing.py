@@ -311,22 +311,25 @@ def _shared_source_groups(plan: RoutingPlan) -> tuple[tuple[int, int] | None, ..
 
 
 def _lookahead_windows(plan: RoutingPlan, groups: tuple[tuple[int, int] | None, ...],
-                       size: int) -> tuple[tuple[int, int] | None, ...]:
-    """Per routed point, its window ``[k0, k1)`` of up to ``size`` consecutive routed points that mix
-    through one product (:meth:`SourceBank.window_input`), or ``None``. Points of a shared-source group have
-    their own product; a visible partial sum is not a bank source, so such plans get no windows."""
-    windows: list[tuple[int, int] | None] = [None] * len(groups)
+                       size: int) -> tuple[tuple[int, int, int] | None, ...]:
+    """Per routed point, its window ``(k0, k1, n0)`` — up to ``size`` consecutive routed points ``[k0, k1)``
+    whose first ``n0`` sources (the first point's) go through one product each way
+    (:meth:`SourceBank.window_input`, :meth:`SourceBank.window_backward`) — or ``None``. Points of a
+    shared-source group have their own product; a visible partial sum is not a bank source, so such plans
+    get no windows."""
+    windows: list[tuple[int, int, int] | None] = [None] * len(groups)
     if size < 2 or plan.see_partial:
         return tuple(windows)
     # a window pays when its shared prefix is long against the K rows its product writes
-    eligible = [g is None and n >= 2 * size for g, n in zip(groups, plan.n_sources())] + [False]
+    counts = plan.n_sources()
+    eligible = [g is None and n >= 2 * size for g, n in zip(groups, counts)] + [False]
     run: list[int] = []
     for k, ok in enumerate(eligible):
         if ok and len(run) < size:
             run.append(k)
             continue
         if len(run) > 1:
-            windows[run[0] : run[-1] + 1] = [(run[0], run[-1] + 1)] * len(run)
+            windows[run[0] : run[-1] + 1] = [(run[0], run[-1] + 1, counts[run[0]])] * len(run)
         run = [k] if ok else []
     return tuple(windows)
 
@@ -440,7 +443,7 @@ class DepthRouter(nn.Module):
             return RoutingState((), None, stats, bank, (token,), queries)
         return RoutingState((x0,), None, stats)
 
-    def _windows(self) -> tuple[tuple[int, int] | None, ...]:
+    def _windows(self) -> tuple[tuple[int, int, int] | None, ...]:
         if self._window_cache[0] != self.lookahead:
             self._window_cache = (self.lookahead, _lookahead_windows(self.plan, self._groups, self.lookahead))
         return self._window_cache[1]

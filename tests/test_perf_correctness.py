@@ -65,8 +65,8 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
 def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> dict[str, int]:
     """Turn on the lookahead windows at any token count, and count how often they are used."""
     model.dar.lookahead, model.dar.lookahead_tokens = size, 0
-    used = {"forward": 0, "direct": 0, "backward": 0}
-    window_input, value_ahead = SourceBank.window_input, SourceBank._value_ahead
+    used = {"forward": 0, "direct": 0, "backward": 0, "deferred": 0}
+    window_input, value_ahead, window_grads = SourceBank.window_input, SourceBank._value_ahead, SourceBank._window_grads
 
     def spy_input(self, *a):
         out = window_input(self, *a)
@@ -78,8 +78,13 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
         used["backward"] += out[0] is not None
         return out
 
+    def spy_grads(self, *a):
+        used["deferred"] += 1
+        return window_grads(self, *a)
+
     monkeypatch.setattr(SourceBank, "window_input", spy_input)
     monkeypatch.setattr(SourceBank, "_value_ahead", spy_ahead)
+    monkeypatch.setattr(SourceBank, "_window_grads", spy_grads)
     return used
 
 
@@ -92,7 +97,7 @@ def test_lookahead_windows_give_the_same_gradients(
     """Routed points that share one product over their common sources (forward), and sources whose value
     gradients come from one product over their readers (backward), give plain autograd's gradients."""
     torch.manual_seed(0)
-    model = GPT(tiny(n_layer=6, parallel=parallel)).double()
+    model = GPT(tiny(n_layer=8, parallel=parallel)).double()
     gate = "scalar" if mode != "attnres_full" else "none"
     patch_model(model, DARConfig(mode=mode, num_blocks=2, gate=gate))
     _randomize_routing(model)
@@ -105,7 +110,11 @@ def test_lookahead_windows_give_the_same_gradients(
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=name)
     assert used["backward"] > 0
     # Delta Block's points share their sources block by block already (one product per block)
-    assert (used["forward"] > 0) == (mode != "delta_block" and not (parallel and mode == "delta"))
+    windowed = mode != "delta_block" and not (parallel and mode == "delta")
+    assert (used["forward"] > 0) == windowed
+    # a window's backward defers its prefix's dα where that prefix has at least 4K sources
+    deferring = {w for w in model.dar._windows() if w is not None and w[2] >= 4 * size}
+    assert used["deferred"] == len(deferring) and (len(deferring) > 0) == windowed
 
 
 def _bank_route(sources, q, pre=None, post=None, stream=None, gate=None, eps=1e-6):
@@ -253,7 +262,7 @@ def test_activation_checkpointing_gradients(
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
     if windows:  # both: points mixed through their window, and replayed points whose window was gone
-        assert used["forward"] > 0 and used["direct"] > 0
+        assert used["forward"] > 0 and used["direct"] > 0 and used["deferred"] > 0
 
 
 @pytest.mark.parametrize(("mode", "windows"), [("delta_block", False), ("delta", True)])
@@ -267,7 +276,7 @@ def test_retain_graph_second_backward(mode: str, windows: bool, monkeypatch: pyt
     second = torch.autograd.grad(out, list(model.parameters()), grad_outputs=torch.tensor(3.0, dtype=out.dtype))
     for a, b in zip(first, second):
         torch.testing.assert_close(b, 3 * a, rtol=1e-4, atol=1e-6)  # the rope cache is fp32
-    assert not windows or used["backward"] > 0
+    assert not windows or (used["backward"] > 0 and used["deferred"] > 0)
 
 
 def test_second_backward_does_not_reuse_a_stale_window(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -109,10 +109,10 @@ def test_lookahead_windows() -> None:
         return _lookahead_windows(plan, _shared_source_groups(plan), size)
 
     # Delta, L 3: routed point k reads k+1 sources; from 4 sources on, windows of two
-    assert windows("delta", 3) == (None, None, None, (3, 5), (3, 5), None)
+    assert windows("delta", 3) == (None, None, None, (3, 5, 4), (3, 5, 4), None)
     assert windows("delta", 3, size=3) == (None,) * 6  # only the last point reads 6 sources: a run of one
     # parallel layers: both sublayers read the same sources (counts 1 1 3 3 5 5 7)
-    assert windows("attnres_full", 3, parallel=True) == (None,) * 4 + ((4, 6), (4, 6), None)
+    assert windows("attnres_full", 3, parallel=True) == (None,) * 4 + ((4, 6, 5), (4, 6, 5), None)
     assert windows("delta_block", 4) == (None,) * 8
     assert windows("attnres_block", 4) == (None,) * 9
     assert windows("delta", 3, size=0) == (None,) * 6
