@@ -330,20 +330,37 @@ def build_trainers(settings: BenchSettings, n_layer: int, device: torch.device) 
     return out
 
 
-def measure_depth(settings: BenchSettings, n_layer: int, rounds: int, full: bool, device: torch.device,
-                  log=print) -> list[ModelResult]:
-    """All models at one depth, interleaved: warm-up, memory, then ``rounds`` rounds of timing."""
-    pairs = build_trainers(settings, n_layer, device)
+def measure_memory(settings: BenchSettings, n_layer: int, device: torch.device) -> list[ModelResult]:
+    """Saved bytes and peak step memory of every model at one depth.
+
+    On CPU the peak is the RSS increase of a step, which only shows memory the step maps anew. A timing
+    phase grows glibc's heap (large blocks are kept for reuse there) and a heap never shrinks its address
+    range: a later memory phase would be served from it, its pages already mapped, and read too low (the
+    baseline at L 24 measured after L 12's timing: 0.8–0.9× its true peak). So :func:`run` measures the
+    memory of every depth before any timing, with large blocks mapped and unmapped one by one.
+    """
     if device.type == "cpu":
         _malloc_returns_memory(True)
+    pairs = build_trainers(settings, n_layer, device)
     for trainer, result in pairs:  # the first forward/backward also warms up (compiled kernels, allocator)
         result.saved_bytes, result.saved_tensors = trainer.saved_for_backward()
         trainer.step()  # optimizer state
         result.peak_bytes = trainer.peak_memory()  # a steady-state step
+    results = [res for _, res in pairs]
+    del pairs, trainer
+    gc.collect()
+    return results
+
+
+def measure_speed(settings: BenchSettings, results: list[ModelResult], rounds: int, full: bool,
+                  device: torch.device, log=print) -> None:
+    """Training (and with ``full`` decoding) time of the models of ``results``, interleaved over ``rounds``."""
+    n_layer = results[0].n_layer
     if device.type == "cpu":
         _malloc_returns_memory(False)
-    for trainer, _ in pairs:  # warm-up of the timing phase
-        for _ in range(settings.warmup):
+    pairs = [(trainer, result) for (trainer, _), result in zip(build_trainers(settings, n_layer, device), results)]
+    for trainer, _ in pairs:  # warm-up: compiled kernels, optimizer state, the allocator's heap
+        for _ in range(2 + settings.warmup):
             trainer.step()
     for r in range(rounds):  # the order rotates, so that no model is always first after a pause
         order = pairs[r % len(pairs):] + pairs[: r % len(pairs)]
@@ -359,10 +376,8 @@ def measure_depth(settings: BenchSettings, n_layer: int, rounds: int, full: bool
                 result.decode_seconds.append(trainer.decode())
     for trainer, _ in pairs:
         trainer.release()
-    results = [res for _, res in pairs]
     del pairs, trainer
     gc.collect()
-    return results
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,11 +500,14 @@ def run(settings: BenchSettings, log=print) -> dict[str, Any]:
         "main": {},
         "sweep": {},
     }
+    log(f"memory: L={', '.join(map(str, depths))}")
+    memory = {L: measure_memory(settings, L, device) for L in depths}  # before any timing (see measure_memory)
     for L in depths:
         full = L in settings.layers
         rounds = settings.rounds if full else settings.sweep_rounds
         log(f"L={L}: {'full' if full else 'sweep'} measurement, {rounds} rounds")
-        results = measure_depth(settings, L, rounds, full, device, log)
+        results = memory.pop(L)
+        measure_speed(settings, results, rounds, full, device, log)
         rows = summarize(results, settings)
         if full:
             report["main"][str(L)] = rows
