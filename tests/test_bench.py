@@ -27,6 +27,29 @@ def test_quick_benchmark_reports_all_fields(tmp_path) -> None:
     assert "Delta Block" in (tmp_path / "q.md").read_text()
 
 
+def test_memory_of_every_depth_is_measured_before_any_timing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timing phase leaves the heap mapped, and a memory phase after it reads too low: every depth's
+    memory comes first, and every depth is then timed with the results of its own memory phase."""
+    calls = []
+    measure_memory, measure_speed = bench.measure_memory, bench.measure_speed
+
+    def memory(settings, n_layer, device):
+        calls.append(("memory", n_layer))
+        return measure_memory(settings, n_layer, device)
+
+    def speed(settings, results, *args, **kwargs):
+        calls.append(("speed", results[0].n_layer))
+        return measure_speed(settings, results, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "measure_memory", memory)
+    monkeypatch.setattr(bench, "measure_speed", speed)
+    settings = bench.BenchSettings.quick(layers=(2,), sweep=(1, 2), modes=("delta",), rounds=1, sweep_rounds=1)
+    report = bench.run(settings, log=lambda *_: None)
+    assert calls == [("memory", 1), ("memory", 2), ("speed", 1), ("speed", 2)]
+    for rows in (report["main"]["2"], report["sweep"]["1"]):
+        assert all(r["saved_bytes"] > 0 and len(r["train_speed_ratio_per_round"]) == 1 for r in rows.values())
+
+
 def test_routing_time_script_measures_each_setting() -> None:
     """benchmarks/routing_time.py (the low-noise measure of a routing change) on a tiny model."""
     import importlib.util
