@@ -5,7 +5,11 @@ routing itself is worth. The profiler's time inside the routing's autograd funct
 backward of the source bank) moves far less, so this script is what measures such a change: one patched
 model, one setting after the other, interleaved for a few rounds, minimum and median per setting.
 
-    python benchmarks/routing_time.py --layers 24 --mode delta --lookahead 0 4 --rounds 3
+    python benchmarks/routing_time.py --layers 24 --mode delta --knob lookahead --values 0 4 --rounds 3
+    python benchmarks/routing_time.py --layers 24 --mode delta --knob defer_from --values 4 1000 --rounds 3
+
+``--knob`` names a tuning attribute of :class:`lit_dar.routing.DepthRouter` (``lookahead``, ``defer_from``,
+``lookahead_tokens``); every value is one setting.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lit_dar.routing import DepthRouter  # noqa: E402
 
 # the autograd functions of the bank path; the time of their forward and backward is routing's own
 ROUTING_FUNCTIONS = ("_BankRoute", "_GroupRoute", "_Emit")
+KNOBS = ("lookahead", "defer_from", "lookahead_tokens")
 
 
 def routing_ms(step) -> tuple[float, dict[str, float]]:
@@ -43,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--mode", default="delta")
-    p.add_argument("--lookahead", type=int, nargs="+", default=[0, 4], help="router.lookahead values to compare")
+    p.add_argument("--knob", default="lookahead", choices=KNOBS, help="the router setting to compare")
+    p.add_argument("--values", type=int, nargs="+", default=[0, 4], help="its values, one setting each")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="tiny model: a smoke test")
     args = p.parse_args(argv)
@@ -55,20 +61,20 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
         for router in routers:
             router.lookahead_tokens = 0
     _malloc_returns_memory(False)  # reuse freed blocks, as in the benchmark's timing phase
-    results: dict[int, list] = {k: [] for k in args.lookahead}
+    results: dict[int, list] = {v: [] for v in args.values}
     for _ in range(args.rounds):
-        for k in args.lookahead:
+        for v in args.values:
             for router in routers:
-                router.lookahead = k
+                setattr(router, args.knob, v)
             trainer.step()  # warm-up with this setting
-            results[k].append(routing_ms(trainer.step))
+            results[v].append(routing_ms(trainer.step))
     report = {}
-    for k, runs in results.items():
+    for v, runs in results.items():
         totals = [t for t, _ in runs]
         best = min(runs, key=lambda r: r[0])[1]
-        report[k] = {"min_ms": min(totals), "median_ms": statistics.median(totals), "per_function_ms": best}
+        report[v] = {"min_ms": min(totals), "median_ms": statistics.median(totals), "per_function_ms": best}
         parts = ", ".join(f"{name} {ms:.1f}" for name, ms in sorted(best.items()))
-        print(f"lookahead {k}: routing {min(totals):.1f} ms (median {statistics.median(totals):.1f}) per step; {parts}")
+        print(f"{args.knob} {v}: routing {min(totals):.1f} ms (median {statistics.median(totals):.1f}) per step; {parts}")
     return report
 
 

@@ -372,9 +372,10 @@ class DepthRouter(nn.Module):
         self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
         self._first_readers = plan.first_readers()
         # up to ``lookahead`` routed points (forward) or sources (backward) share one pass over what they read
-        # (SourceBank.window_input, _value_ahead), from ``lookahead_tokens`` tokens on: tuning knobs of the
-        # same function (0 turns the sharing off)
-        self.lookahead, self.lookahead_tokens = 4, 256
+        # (SourceBank.window_input, _value_ahead), from ``lookahead_tokens`` tokens on; a window whose shared
+        # prefix has at least ``defer_from × K`` sources shares the backward's dα read too
+        # (SourceBank.window_backward). Tuning knobs of the same function (lookahead 0 turns the sharing off)
+        self.lookahead, self.lookahead_tokens, self.defer_from = 4, 256, 4
         self._window_cache: tuple[int, tuple] = (-1, ())
         self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()
@@ -435,7 +436,7 @@ class DepthRouter(nn.Module):
             lookahead = self.lookahead if x0.numel() >= self.lookahead_tokens * x0.shape[-1] else 0
             bank = SourceBank(x0, self.plan.n_stored, queries, self.eps, self._pool, self._first_readers, lookahead)
             if lookahead >= 2 and self.null is None:
-                bank.windows = self._windows()
+                bank.windows, bank.defer_from = self._windows(), self.defer_from
                 bank.window_gates = self.gate.detach() if self.gate is not None and self.plan.additive else None
             if self.gate is not None and any(self._groups):
                 bank.gate = self.gate

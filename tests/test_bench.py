@@ -59,7 +59,7 @@ def test_routing_time_script_measures_each_setting() -> None:
     spec = importlib.util.spec_from_file_location("routing_time", path)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    report = script.main(["--quick", "--layers", "6", "--lookahead", "0", "2", "--rounds", "1"])
+    report = script.main(["--quick", "--layers", "6", "--knob", "lookahead", "--values", "0", "2", "--rounds", "1"])
     assert set(report) == {0, 2}
     for row in report.values():
         assert row["min_ms"] > 0

@@ -113,7 +113,7 @@ def test_lookahead_windows_give_the_same_gradients(
     windowed = mode != "delta_block" and not (parallel and mode == "delta")
     assert (used["forward"] > 0) == windowed
     # a window's backward defers its prefix's dα where that prefix has at least 4K sources
-    deferring = {w for w in model.dar._windows() if w is not None and w[2] >= 4 * size}
+    deferring = {w for w in model.dar._windows() if w is not None and w[2] >= model.dar.defer_from * size}
     assert used["deferred"] == len(deferring) and (len(deferring) > 0) == windowed
 
 
