@@ -163,7 +163,7 @@ class SourceBank:
         self._mix_buffer: Tensor | None = None
         self._prefix: tuple[int, Tensor] | None = None  # backward: the prefix mixtures of window k0
         self._prefix_buffer: Tensor | None = None
-        self.defer_from = 4  # a window defers its prefix's dα from a prefix of defer_from·K sources (defers)
+        self.defer_from = 0  # with ``windows``, the router's threshold for deferring a prefix's dα (defers)
         self.e: Tensor | None = None  # (lead, R): e_k = g_k · Σ_i α_ki u_i, of windowed points
         self.pending_windows: dict[int, set[int]] = {}  # window k0 → its points whose prefix dlogit is deferred
 
@@ -285,7 +285,7 @@ class SourceBank:
 
     def defers(self, k: int) -> bool:
         """Whether routed point ``k``'s backward goes through its window (:meth:`window_backward`): where the
-        shared prefix is long (``n0 ≥ defer_from·K``, 4K by default). Each point still makes a few small
+        shared prefix is long (``n0 ≥ defer_from·K``; the router sets 4). Each point still makes a few small
         products of its own (about the cost of reading 6 sources here), so shorter prefixes gain nothing."""
         window = self.windows[k] if k < len(self.windows) else None
         return window is not None and window[2] >= self.defer_from * (window[1] - window[0])
