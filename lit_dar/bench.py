@@ -160,11 +160,17 @@ def _rss_bytes() -> int:
 
 
 def _malloc_returns_memory(enabled: bool) -> None:
-    """glibc only: make freed tensors leave the resident set (for RSS peaks), or restore fast reuse.
+    """glibc only: make freed tensors leave the resident set (for RSS peaks), or make the heap a pure cache
+    (for timing).
 
     By default glibc raises its mmap threshold as large blocks are freed, so after a warm-up step every
     tensor lives in a heap that never shrinks and the RSS of a step shows nothing. For the memory phase
-    large blocks are mmap-ed (and unmapped on free); for the timing phase the threshold goes back up.
+    large blocks are mmap-ed (and unmapped on free). For the timing phase nothing is mmap-ed and nothing
+    given back, as with a caching allocator (CUDA's; jemalloc or tcmalloc on CPU): blocks above glibc's
+    32 MB threshold limit (the logits and their gradient at B 4, T 256, vocab 8192) are otherwise mapped
+    afresh, and their first touch faults, in whichever model's step finds no room for them in the heap
+    (L 24, two steps per model and round: 25–33 K page faults for the baseline, 49–68 K for Delta,
+    8–57 K for Delta Block before this; none after warm-up since).
     """
     try:
         import ctypes
@@ -172,8 +178,9 @@ def _malloc_returns_memory(enabled: bool) -> None:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return
-    m_trim_threshold, m_mmap_threshold = -1, -3
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
     libc.mallopt(m_mmap_threshold, 64 * 1024 if enabled else 32 * 2**20)
+    libc.mallopt(m_mmap_max, 65536 if enabled else 0)  # 65536: glibc's default
     # timing phase: never give memory back, or whichever model runs after a quiet phase pays page faults
     libc.mallopt(m_trim_threshold, 128 * 1024 if enabled else 2**31 - 1)
     libc.malloc_trim(0)

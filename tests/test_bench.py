@@ -1,6 +1,10 @@
 """The benchmark's code path in quick mode: it runs and reports every field (no timing assertions)."""
 
 import json
+import platform
+import resource
+import subprocess
+import sys
 
 import pytest
 
@@ -48,6 +52,37 @@ def test_memory_of_every_depth_is_measured_before_any_timing(monkeypatch: pytest
     assert calls == [("memory", 1), ("memory", 2), ("speed", 1), ("speed", 2)]
     for rows in (report["main"]["2"], report["sweep"]["1"]):
         assert all(r["saved_bytes"] > 0 and len(r["train_speed_ratio_per_round"]) == 1 for r in rows.values())
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the allocator settings are glibc's")
+def test_timing_phase_reuses_large_blocks_and_memory_phase_unmaps_them() -> None:
+    """A block above glibc's 32 MB mmap limit (the logits) is mapped afresh on every allocation by default,
+    and its first touch faults; the timing phase keeps it in the heap for reuse, the memory phase unmaps
+    it on free so that a step's RSS shows it. In a fresh process: the settings are process-wide."""
+    code = """
+import resource, torch
+from lit_dar.bench import _malloc_returns_memory
+
+def faults_of_later_blocks():  # the third and fourth of four: the heap's layout has settled
+    for i in range(4):
+        if i == 2:
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(48 * 2**20 // 4)
+        x.fill_(1.0)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+_malloc_returns_memory(True)
+memory = faults_of_later_blocks()
+_malloc_returns_memory(False)
+timing = faults_of_later_blocks()
+print(memory, timing)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    memory, timing = map(int, out.split())
+    pages = 48 * 2**20 // resource.getpagesize()
+    assert memory > pages, (memory, pages)  # mapped anew each time: every page faults on first touch
+    assert timing < pages // 20, (timing, pages)  # reused from the heap
 
 
 def test_routing_time_script_measures_each_setting() -> None:
