@@ -286,9 +286,10 @@ class Trainer:
             self.step()
         return rss.increase
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def decode(self) -> float:
-        """Seconds per decoding step (batch of B sequences, one token each) after a short prefill."""
+        """Seconds per decoding step (batch of B sequences, one token each) after a short prefill; in inference
+        mode, as LitGPT's ``generate`` runs."""
         s, model = self.settings, self.model
         total = s.decode_prompt + s.decode_tokens
         if getattr(self, "_kv", None) is None:

@@ -246,11 +246,14 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
             torch.testing.assert_close(p.grad, q.grad, msg=f"{mode} {n}")
 
 
-def test_generate_with_litgpt() -> None:
+@pytest.mark.parametrize("mode", ["delta", "delta_block"])
+def test_generate_with_litgpt_then_train(mode: str) -> None:
+    """LitGPT's ``generate`` (KV cache, ``torch.inference_mode``) gives the greedy tokens of full forwards, and
+    training afterwards works: nothing made in inference mode is reused with grad."""
     from litgpt.generate.base import generate
 
     # float64: the cached and the full forward round differently in fp32, which can flip a near-tie argmax
-    model = patched_copy(tiny_gpt(), DARConfig(mode="delta")).double().eval()
+    model = patched_copy(tiny_gpt(), DARConfig(mode=mode, num_blocks=2)).double().eval()
     _randomize_routing(model)
     prompt = torch.randint(0, 96, (5,))
     model.set_kv_cache(batch_size=1)
@@ -261,6 +264,9 @@ def test_generate_with_litgpt() -> None:
         while len(tokens) < 12:
             tokens.append(model(torch.tensor([tokens]))[0, -1].argmax().item())
     assert out.tolist() == tokens
+    model.train()
+    model(torch.tensor([tokens])).square().mean().backward()
+    assert all(p.grad is not None for p in model.dar.parameters())
 
 
 # --------------------------------------------------------------------------------------------------
