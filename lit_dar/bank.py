@@ -107,10 +107,10 @@ class BufferPool:
 class _Group:
     """What the routed points of a group (they read the same ``n`` sources) share in one forward."""
 
-    __slots__ = ("k1", "n", "alpha", "gate", "mixtures", "uses")
+    __slots__ = ("n", "alpha", "gate", "mixtures", "uses")
 
-    def __init__(self, k1: int, n: int, alpha: Tensor | None, gate: Tensor | None, mixtures: tuple[Tensor, ...]) -> None:
-        self.k1, self.n, self.alpha, self.gate, self.mixtures, self.uses = k1, n, alpha, gate, mixtures, 0
+    def __init__(self, n: int, alpha: Tensor | None, gate: Tensor | None, mixtures: tuple[Tensor, ...]) -> None:
+        self.n, self.alpha, self.gate, self.mixtures, self.uses = n, alpha, gate, mixtures, 0
 
 
 class SourceBank:
@@ -138,7 +138,9 @@ class SourceBank:
         self.readers: dict[int, int] = {}  # routed points whose backward ran → how many sources they read
         # groups of routed points that read the same sources (see _GroupRoute), by their first point
         self.groups: dict[int, _Group] = {}
-        self.pending: set[int] = set()  # groups whose gradients arrived but whose weight gradients are not computed
+        # points of a group or a window whose dα over their ``n`` shared sources waits for one product (first
+        # point k0 → (n, the points whose gradients are in)); run before the first of those sources is released
+        self.deferred: dict[int, tuple[int, set[int]]] = {}
         self.gate: Tensor | None = None  # the router's gate parameter when groups route with it (see _Emit)
         # with grad, writes go through aliases: the saved ``values`` must not see its version bumped (see above)
         grad = torch.is_grad_enabled()
@@ -156,7 +158,7 @@ class SourceBank:
         self._ahead: tuple[int, int, set[int], Tensor] | None = None
         self._ahead_buffer: Tensor | None = None
         # per routed point its window (k0, k1, n0): points [k0, k1) whose first n0 sources go through one
-        # product forward (window_input) and two backward (window_backward, _window_grads); set by the router
+        # product forward (window_input) and two backward (window_backward, _deferred_grads); set by the router
         self.windows: tuple[tuple[int, int, int] | None, ...] = ()
         self.window_gates: Tensor | None = None  # every routed point's gate (detached), for a window's product
         self._mix: tuple[int, int, Tensor] | None = None
@@ -165,7 +167,6 @@ class SourceBank:
         self._prefix_buffer: Tensor | None = None
         self.defer_from = 0  # with ``windows``, the router's threshold for deferring a prefix's dα (defers)
         self.e: Tensor | None = None  # (lead, R): e_k = g_k · Σ_i α_ki u_i, of windowed points
-        self.pending_windows: dict[int, set[int]] = {}  # window k0 → its points whose prefix dlogit is deferred
 
     def write(self, i: int, u: Tensor) -> None:
         """Store source ``i`` with its inverse RMS and logits. Runs without grad (in ``_Emit.forward`` or while
@@ -213,44 +214,50 @@ class SourceBank:
                     stats.update({k: self.values.new_ones(*lead_shape, 1) for k in range(k0, k1)})
                 x0 = self.values[:, 0].view(*lead_shape, 1, -1)
                 mixtures = (x0.squeeze(-2),) * K if gate is None else (x0 * gate[:, None]).unbind(-2)
-                return _Group(k1, n, None, gate, mixtures)
+                return _Group(n, None, gate, mixtures)
             alpha = torch.softmax(self.logits[:, :n, k0:k1], dim=1)  # (lead, n, K)
             if stats is not None:
                 stats.update({k0 + j: alpha[:, :, j].reshape(*lead_shape, n) for j in range(K)})
             w = alpha if gate is None else alpha * gate.to(alpha.dtype)
             mixtures = torch.bmm(w.transpose(1, 2), self.values[:, :n])  # (lead, K, D)
-            return _Group(k1, n, alpha, gate, mixtures.view(*lead_shape, K, -1).unbind(-2))
+            return _Group(n, alpha, gate, mixtures.view(*lead_shape, K, -1).unbind(-2))
 
     def keep(self, k: int, n: int, g: Tensor, group: tuple[int, int] | None = None) -> None:
         """Keep routed point ``k``'s gradient ``g`` (it read ``n`` sources). A point of a ``group`` leaves only
         this: the group's weight gradients are computed together, once all of its points' gradients are in
-        (:meth:`_group_grads`)."""
+        (:meth:`_deferred_grads`)."""
         self._grad_buffers()
         self.grads[:, k].copy_(g.reshape(self.lead, -1))
         self.readers[k] = n
         if self._ahead is not None and k in self._ahead[2]:  # a new backward through a retained graph
             self._ahead = None
         if group is not None:
-            self.pending.add(group[0])
+            self.deferred.setdefault(group[0], (self.groups[group[0]].n, set()))[1].add(k)
 
-    def _group_grads(self, k0: int, d_gate: Tensor | None) -> None:
-        """``dw``, ``dlogit`` and ``w`` of every point of group ``k0`` from one product over its sources;
-        the gate's gradient is added to ``d_gate``."""
-        e = self.groups[k0]
-        for k in range(k0, e.k1):  # a point whose input got no gradient: g = 0
-            if k not in self.readers:
-                self.grads[:, k].zero_()
-                self.readers[k] = e.n
-        a = e.alpha.transpose(1, 2)  # (lead, K, n)
-        dw = torch.bmm(self.grads[:, k0 : e.k1], self.values[:, : e.n].transpose(1, 2))  # dw_ki = u_i · g_k
-        w, d_alpha = a, dw
-        if e.gate is not None:
-            gate = e.gate.to(a.dtype).unsqueeze(-1)
-            if d_gate is not None:
-                d_gate[k0 : e.k1] += (a * dw).sum((0, 2)).to(d_gate.dtype)
-            w, d_alpha = a * gate, dw * gate
-        self.w[:, : e.n, k0 : e.k1] = w.transpose(1, 2)
-        self.d_logit[:, : e.n, k0 : e.k1] = (a * (d_alpha - (a * d_alpha).sum(-1, keepdim=True))).transpose(1, 2)
+    def _deferred_grads(self, k0: int, d_gate: Tensor | None) -> None:
+        """``dlogit_ki = w_ki (u_i·g_k − e_k)`` of the points of group or window ``k0`` over their ``n`` shared
+        sources, from one product ``G·Uᵀ``: run by the backward of the first of those sources released, after
+        every one of the points. A window's points kept their weights ``w`` and coupling terms ``e`` (see
+        :meth:`window_backward`); a group's kept only their gradients, so ``w`` and ``e`` come from the group's
+        weights here, and its gate's gradient is added to ``d_gate``."""
+        n, ks = self.deferred.pop(k0)
+        ks = sorted(ks)  # points whose input got no gradient are not among them: their g is 0
+        idx = self._index(ks, self.values.device)
+        dw = torch.bmm(self.grads[:, idx], self.values[:, :n].transpose(1, 2))  # (lead, K, n): u_i · g_k
+        group = self.groups.get(k0)
+        if group is None:
+            w, e = self.w[:, :n, idx].transpose(1, 2), self.e[:, idx]
+        else:
+            j = self._index([k - k0 for k in ks], self.values.device)
+            w = group.alpha[:, :, j].transpose(1, 2)  # (lead, K, n)
+            e = (w * dw).sum(-1)
+            if group.gate is not None:
+                gate = group.gate[j].to(w.dtype)
+                if d_gate is not None:
+                    d_gate[idx] += e.sum(0).to(d_gate.dtype)
+                w = w * gate.unsqueeze(-1)
+            self.w[:, :n, idx] = w.transpose(1, 2)
+        self.d_logit[:, :n, idx] = (w * dw.sub_(e.unsqueeze(-1))).transpose(1, 2)
 
     def window_input(self, k: int, n: int, base: Tensor | None, gate: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """``base + g_k·Σ_i α_ki u_i`` (``(lead, D)``) and the weights ``α_k`` of routed point ``k`` over the first
@@ -296,7 +303,7 @@ class SourceBank:
 
         The direct backward reads all ``n`` sources for ``dα_i = u_i·g``. Only the newer ``n − n0`` are needed
         now: their ``dlogit_i = w_i (u_i·g − e)`` go to sources released soon. The prefix's ``dα`` waits until
-        every point of the window has its gradient (:meth:`_window_grads`: one product for the window), and
+        every point of the window has its gradient (:meth:`_deferred_grads`: one product for the window), and
         ``e`` — the softmax's coupling term, needed now — comes from the prefix mixtures instead:
         ``e = (Σ_{i<n0} α_ki)·(P_k·g) + Σ_{i≥n0} α_ki (u_i·g)``, with the ``P`` of the whole window recomputed
         by one product (:meth:`_prefix_mixture`). The ``n0`` shared sources are read twice per window
@@ -312,7 +319,7 @@ class SourceBank:
             e += (alpha[:, n0:] * dw).sum(-1)
             self.d_logit[:, n0:n, k] = w[:, n0:] * (dw - e.unsqueeze(-1))
         self.e[:, k] = e
-        self.pending_windows.setdefault(k0, set()).add(k)
+        self.deferred.setdefault(k0, (n0, set()))[1].add(k)
         return e
 
     def _prefix_mixture(self, k: int) -> Tensor:
@@ -327,16 +334,6 @@ class SourceBank:
             torch.bmm(alpha.transpose(1, 2), self.values[:, :n0], out=prefix)
             self._prefix = (k0, prefix)
         return self._prefix[1][:, k - k0]
-
-    def _window_grads(self, k0: int) -> None:
-        """The deferred prefix ``dlogit_ki = w_ki (u_i·g_k − e_k)`` of window ``k0``'s points (see
-        :meth:`window_backward`), from one product over the ``n0`` shared sources: run by the backward of the
-        first of them released, after every point of the window."""
-        n0 = self.windows[k0][2]
-        idx = self._index(sorted(self.pending_windows.pop(k0)), self.values.device)
-        dw = torch.bmm(self.grads[:, idx], self.values[:, :n0].transpose(1, 2))  # (lead, K, n0): u_i · g_k
-        d_logit = self.w[:, :n0, idx] * dw.sub_(self.e[:, idx].unsqueeze(-1)).transpose(1, 2)
-        self.d_logit[:, :n0, idx] = d_logit
 
     @staticmethod
     def _index(ks: list[int], device: torch.device) -> slice | Tensor:
@@ -414,14 +411,10 @@ class SourceBank:
         With ``q_k`` the query of reader ``k``, ``inv`` the source's inverse RMS and ``logit_k = (u·q_k)·inv``:
         ``Σ_k w_k g_k + inv·Σ_k dlogit_k q_k − inv²/D·(Σ_k dlogit_k logit_k)·u``.
         """
-        d_gate = None
-        for k0 in [k0 for k0 in self.pending if self.groups[k0].n > i]:
-            if d_gate is None and gate_grad:
-                d_gate = torch.zeros_like(self.gate)
-            self._group_grads(k0, d_gate)
-            self.pending.discard(k0)
-        for k0 in [k0 for k0 in self.pending_windows if self.windows[k0][2] > i]:
-            self._window_grads(k0)
+        due = [k0 for k0, (n, _) in self.deferred.items() if n > i]
+        d_gate = torch.zeros_like(self.gate) if gate_grad and any(k0 in self.groups for k0 in due) else None
+        for k0 in due:
+            self._deferred_grads(k0, d_gate)
         ks = sorted(k for k, n in self.readers.items() if n > i)
         if i == 0:  # the last source released: a second backward through a retained graph starts afresh
             self.readers, self._ahead = {}, None

@@ -66,7 +66,7 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
     """Turn on the lookahead windows at any token count, and count how often they are used."""
     model.dar.lookahead, model.dar.lookahead_tokens = size, 0
     used = {"forward": 0, "direct": 0, "backward": 0, "deferred": 0}
-    window_input, value_ahead, window_grads = SourceBank.window_input, SourceBank._value_ahead, SourceBank._window_grads
+    window_input, value_ahead, deferred_grads = SourceBank.window_input, SourceBank._value_ahead, SourceBank._deferred_grads
 
     def spy_input(self, *a):
         out = window_input(self, *a)
@@ -78,13 +78,13 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
         used["backward"] += out[0] is not None
         return out
 
-    def spy_grads(self, *a):
-        used["deferred"] += 1
-        return window_grads(self, *a)
+    def spy_grads(self, k0, *a):
+        used["deferred"] += k0 not in self.groups  # a window's deferred product, not a group's
+        return deferred_grads(self, k0, *a)
 
     monkeypatch.setattr(SourceBank, "window_input", spy_input)
     monkeypatch.setattr(SourceBank, "_value_ahead", spy_ahead)
-    monkeypatch.setattr(SourceBank, "_window_grads", spy_grads)
+    monkeypatch.setattr(SourceBank, "_deferred_grads", spy_grads)
     return used
 
 
@@ -277,6 +277,29 @@ def test_retain_graph_second_backward(mode: str, windows: bool, monkeypatch: pyt
     for a, b in zip(first, second):
         torch.testing.assert_close(b, 3 * a, rtol=1e-4, atol=1e-6)  # the rope cache is fp32
     assert not windows or (used["backward"] > 0 and used["deferred"] > 0)
+
+
+@pytest.mark.parametrize("mode", ["delta", "delta_block"])
+def test_loss_inside_a_block_leaves_later_points_without_gradient(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loss on the stream after layer 5 of 8 (inside Delta Block's second block): the routed points of
+    layers 6 and 7 never run backward, while their group's (or window's) earlier points do; the deferred
+    products then cover only the points whose gradients came in. Gradients equal plain autograd's."""
+    model = _model(mode, dtype=torch.float64, gate="scalar", n_layer=8)
+    _randomize_routing(model)
+    used = _windows_on(monkeypatch, model)
+    idx = torch.randint(0, 64, (2, 7))
+    captured = []
+    model.transformer.h[5].register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    grads = {}
+    for impl in ("autograd", "bank"):
+        model.dar.implementation = impl
+        captured.clear()
+        model(idx)
+        params = [p for p in model.parameters()]
+        grads[impl] = torch.autograd.grad(captured[0].square().sum(), params, allow_unused=True, materialize_grads=True)
+    for a, b in zip(grads["autograd"], grads["bank"]):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
+    assert mode == "delta_block" or used["deferred"] > 0
 
 
 def test_second_backward_does_not_reuse_a_stale_window(monkeypatch: pytest.MonkeyPatch) -> None:
