@@ -66,7 +66,8 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
     """Turn on the lookahead windows at any token count, and count how often they are used."""
     model.dar.lookahead, model.dar.lookahead_tokens = size, 0
     used = {"forward": 0, "direct": 0, "backward": 0, "deferred": 0}
-    window_input, value_ahead, deferred_grads = SourceBank.window_input, SourceBank._value_ahead, SourceBank._deferred_grads
+    window_input, value_ahead = SourceBank.window_input, SourceBank._value_ahead
+    deferred_grads = SourceBank._deferred_grads
 
     def spy_input(self, *a):
         out = window_input(self, *a)
@@ -289,14 +290,14 @@ def test_loss_inside_a_block_leaves_later_points_without_gradient(mode: str, mon
     used = _windows_on(monkeypatch, model)
     idx = torch.randint(0, 64, (2, 7))
     captured = []
-    model.transformer.h[5].register_forward_hook(lambda m, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    model.transformer.h[5].register_forward_hook(lambda m, args, out: captured.append(out[0]))  # (stream, state)
     grads = {}
     for impl in ("autograd", "bank"):
         model.dar.implementation = impl
         captured.clear()
         model(idx)
-        params = [p for p in model.parameters()]
-        grads[impl] = torch.autograd.grad(captured[0].square().sum(), params, allow_unused=True, materialize_grads=True)
+        loss = captured[0].square().sum()
+        grads[impl] = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True)
     for a, b in zip(grads["autograd"], grads["bank"]):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
     assert mode == "delta_block" or used["deferred"] > 0
