@@ -10,8 +10,9 @@ Per model it reports
 * bytes saved for backward per step: every tensor packed by autograd during the forward
   (``torch.autograd.graph.saved_tensors_hooks``), counted once per storage, parameters and buffers
   excluded;
-* peak memory of a training step: the CUDA allocator's peak on GPU; on CPU the peak resident set size
-  during the step above the resident size before it (sampled every 0.2 ms);
+* peak memory of a training step: on GPU the CUDA allocator's peak of the model trained alone (less what
+  the other models hold); on CPU the peak resident set size during the step above the resident size
+  before it (sampled every 0.2 ms);
 * parameter overhead of the routing;
 * decode tokens/s with LitGPT's KV cache (batch of ``B`` sequences, one token per step, no grad).
 
@@ -53,6 +54,7 @@ LABELS = {
 
 @dataclass
 class BenchSettings:
+    model: str | None = None  # a LitGPT config by name (e.g. "Qwen3-0.6B"), depth from ``layers``; else the fields below
     n_embd: int = 512
     n_head: int = 8
     n_query_groups: int = 4
@@ -105,6 +107,8 @@ class ModelResult:
 def model_config(settings: BenchSettings, n_layer: int):
     from litgpt import Config
 
+    if settings.model is not None:  # offline: LitGPT's configs are code
+        return Config.from_name(settings.model, n_layer=n_layer, block_size=settings.seq_len)
     return Config(
         name=f"dar-bench-L{n_layer}",
         block_size=settings.seq_len,
@@ -221,9 +225,9 @@ class Trainer:
         self.name, self.model, self.settings, self.device = name, model, settings, device
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
         g = torch.Generator().manual_seed(settings.seed)
-        shape = (settings.batch_size, settings.seq_len)
-        self.idx = torch.randint(0, settings.vocab_size, shape, generator=g).to(device)
-        self.targets = torch.randint(0, settings.vocab_size, shape, generator=g).to(device)
+        shape, vocab = (settings.batch_size, settings.seq_len), model.config.vocab_size
+        self.idx = torch.randint(0, vocab, shape, generator=g).to(device)
+        self.targets = torch.randint(0, vocab, shape, generator=g).to(device)
         self.forward = torch.compile(model) if settings.compile else model
 
     def loss(self) -> torch.Tensor:
@@ -266,11 +270,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return sum(storages.values()), len(storages)
 
+    def _resident_bytes(self) -> int:
+        """Parameters, buffers and optimizer state: what this model keeps on the device between steps."""
+        tensors = [*self.model.parameters(), *self.model.buffers()]
+        tensors += [t for st in self.optimizer.state.values() for t in st.values() if isinstance(t, torch.Tensor)]
+        return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
     def peak_memory(self) -> int:
         """Peak memory of one training step (CUDA allocator peak, or RSS increase on CPU).
 
         The router's pooled bank buffers, which stay allocated between steps, are dropped first, so the
-        step allocates them again and they count."""
+        step allocates them again and they count. On CUDA the peak is that of this model trained alone: the
+        allocator's peak less what the other models of the comparison hold."""
         self.optimizer.zero_grad(set_to_none=True)
         for module in self.model.modules():
             if isinstance(module, DepthRouter):
@@ -278,10 +289,11 @@ class Trainer:
         if self.device.type == "cuda":
             gc.collect()
             torch.cuda.synchronize(self.device)
+            others = torch.cuda.memory_allocated(self.device) - self._resident_bytes()
             torch.cuda.reset_peak_memory_stats(self.device)
             self.step()
             torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - others
         with PeakRSS() as rss:
             self.step()
         return rss.increase
@@ -430,10 +442,13 @@ def _fmt_bytes(n: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
+    shape = (f"{s['model']}" if s.get("model") else
+             f"d {s['n_embd']}, {s['n_head']} heads / {s['n_query_groups']} kv, ff {s['intermediate_size']}, "
+             f"vocab {s['vocab_size']}")
+    threads = f"threads {s['threads']}; " if report["device"].startswith("CPU") else ""
     lines = [
-        f"Device: {report['device']}; precision {s['precision']}; threads {s['threads']}; "
-        f"d {s['n_embd']}, {s['n_head']} heads / {s['n_query_groups']} kv, ff {s['intermediate_size']}, "
-        f"vocab {s['vocab_size']}, B {s['batch_size']}, T {s['seq_len']}, {s['num_blocks']} blocks; "
+        f"Device: {report['device']}; precision {s['precision']}; {threads}"
+        f"{shape}, B {s['batch_size']}, T {s['seq_len']}, {s['num_blocks']} blocks; "
         f"median of {s['rounds']} interleaved rounds (sweep: {s['sweep_rounds']}).",
         "",
     ]
@@ -553,6 +568,8 @@ def update_docs(doc: Path, results: dict[str, Path]) -> None:
 def parse_args(argv: list[str] | None) -> tuple[BenchSettings, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="lit-dar bench", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, one round: a smoke test")
+    p.add_argument("--model", help="a LitGPT config by name (e.g. Qwen3-0.6B) instead of the issue's shape; "
+                   "--layers sets its depth")
     p.add_argument("--layers", type=int, nargs="+", help="depths of the main table (default 12 24)")
     p.add_argument("--sweep", type=int, nargs="*", help="depths of the sweep (default 6 12 24 36; none: no sweep)")
     p.add_argument("--modes", nargs="+", choices=ALL_MODES)
@@ -573,10 +590,16 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, argparse.Namespac
     p.add_argument("--update-docs", type=Path, metavar="DOC",
                    help="also copy the markdown into DOC's <!-- bench:NAME --> section (docs/performance.md)")
     args = p.parse_args(argv)
+    if args.model is not None:
+        from litgpt.config import name_to_config
+
+        if args.model not in name_to_config:
+            p.error(f"--model {args.model!r} is not a LitGPT config name; pick one of litgpt.config.name_to_config "
+                    "(e.g. Qwen3-0.6B, pythia-160m)")
     overrides = {
         k: (tuple(v) if isinstance(v, list) else v)
         for k, v in {
-            "layers": args.layers, "sweep": args.sweep, "modes": args.modes, "rounds": args.rounds,
+            "model": args.model, "layers": args.layers, "sweep": args.sweep, "modes": args.modes, "rounds": args.rounds,
             "sweep_rounds": args.sweep_rounds, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "n_embd": args.n_embd, "threads": args.threads, "warmup": args.warmup, "steps_per_round": args.steps_per_round, "device": args.device, "precision": args.precision,
         }.items()

@@ -31,6 +31,19 @@ def test_quick_benchmark_reports_all_fields(tmp_path) -> None:
     assert "Delta Block" in (tmp_path / "q.md").read_text()
 
 
+def test_benchmark_of_a_litgpt_config_by_name(tmp_path) -> None:
+    """``--model`` takes LitGPT's own config (here Pythia: LayerNorm, parallel residual, GELU MLP) at the
+    asked depth, and a name LitGPT does not know is refused before anything runs."""
+    report = bench.main(["--quick", "--model", "pythia-14m", "--layers", "2", "--sweep", "--modes", "delta_block",
+                         "--out", str(tmp_path), "--name", "p"])
+    rows = report["main"]["2"]
+    assert set(rows) == {"baseline", "delta_block"} and rows["delta_block"]["routing_params"] > 0
+    assert rows["baseline"]["params"] == 2 * 50304 * 128 + 2 * (12 * 128 * 128 + 13 * 128) + 2 * 128
+    assert (tmp_path / "p.md").read_text().startswith("Device: CPU") and "pythia-14m" in (tmp_path / "p.md").read_text()
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--model", "no-such-model", "--out", str(tmp_path)])
+
+
 def test_memory_of_every_depth_is_measured_before_any_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A timing phase leaves the heap mapped, and a memory phase after it reads too low: every depth's
     memory comes first, and every depth is then timed with the results of its own memory phase."""

@@ -184,7 +184,7 @@ def single_process_perplexity(model) -> float:
     from lit_dar.metrics import TokenNLL
     from lit_dar.module import split_batch
 
-    nll = TokenNLL()
+    nll = TokenNLL(sync_on_compute=False)  # a single-process reference, also while a run's process group is up
     with torch.no_grad():
         for batch in val_loader(batch_size=16):  # other batching than the run: the metric is token-weighted
             inputs, targets = split_batch(batch)
