@@ -100,18 +100,40 @@ print(memory, timing)
 
 def test_routing_time_script_measures_each_setting() -> None:
     """benchmarks/routing_time.py (the low-noise measure of a routing change) on a tiny model."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "routing_time.py"
-    spec = importlib.util.spec_from_file_location("routing_time", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("routing_time")
     report = script.main(["--quick", "--layers", "6", "--knob", "lookahead", "--values", "0", "2", "--rounds", "1"])
     assert set(report) == {0, 2}
     for row in report.values():
         assert row["min_ms"] > 0
         assert {"_BankRoute", "_BankRouteBackward", "_Emit", "_EmitBackward"} <= set(row["per_function_ms"])
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_bank_products_script_times_the_banks_reads(capsys: pytest.CaptureFixture) -> None:
+    """benchmarks/bank_products.py: its products are the bank's reads (the ways of writing one agree), and it
+    prints one row per product and source count."""
+    import torch
+
+    script = _script("bank_products")
+    U = torch.randn(16, 9, 8)[:, :5]
+    prods = {name: fn() for name, fn in script.products(U, K=3).items()}
+    one = prods["mixture, 1 point: bmm(α, U)"]
+    torch.testing.assert_close(prods["mixture, 1 point, as (α·U).sum"], one.squeeze(1), rtol=1e-5, atol=1e-5)
+    assert prods["dα, 3 points: bmm(G, Uᵀ)"].shape == (16, 3, 5)
+    assert torch.equal(prods["copy of U (reads and writes it)"], U)
+    script.main(["--device", "cpu", "--tokens", "16", "--dim", "8", "--slots", "9", "--n", "2", "5", "--reps", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |") or line.startswith("| 5 |")]
+    assert len(rows) == 2 * len(prods) and all(float(r.split("|")[-3]) > 0 for r in rows)  # ms
 
 
 def test_num_blocks_fallback() -> None:
