@@ -44,6 +44,21 @@ def test_benchmark_of_a_litgpt_config_by_name(tmp_path) -> None:
         bench.main(["--quick", "--model", "no-such-model", "--out", str(tmp_path)])
 
 
+def test_resident_bytes_are_the_models_own() -> None:
+    """What a GPU peak subtracts for the other models: parameters, buffers and optimizer state, each storage
+    once."""
+    import torch
+
+    settings = bench.BenchSettings.quick()
+    (trainer, _), *_ = bench.build_trainers(settings, 2, torch.device("cpu"))
+    params = sum(p.numel() * 4 for p in trainer.model.parameters())
+    buffers = sum({b.untyped_storage().data_ptr(): b.untyped_storage().nbytes() for b in trainer.model.buffers()}.values())
+    assert trainer._resident_bytes() == params + buffers
+    trainer.step()  # AdamW: two moments per parameter and a step counter per parameter
+    n = len(list(trainer.model.parameters()))
+    assert trainer._resident_bytes() == 3 * params + buffers + n * 4
+
+
 def test_memory_of_every_depth_is_measured_before_any_timing(monkeypatch: pytest.MonkeyPatch) -> None:
     """A timing phase leaves the heap mapped, and a memory phase after it reads too low: every depth's
     memory comes first, and every depth is then timed with the results of its own memory phase."""
