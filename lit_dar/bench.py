@@ -14,7 +14,7 @@ Per model it reports
   the other models hold); on CPU the peak resident set size during the step above the resident size
   before it (sampled every 0.2 ms);
 * parameter overhead of the routing;
-* decode tokens/s with LitGPT's KV cache (batch of ``B`` sequences, one token per step, no grad).
+* decode tokens/s with LitGPT's KV cache (batch of ``B`` sequences, one token per step, inference mode).
 
 Run ``python -m lit_dar.bench --help`` (``benchmarks/README.md`` has the commands behind
 ``docs/performance.md``). ``main(argv)`` is the entry point a CLI can call.
@@ -54,7 +54,7 @@ LABELS = {
 
 @dataclass
 class BenchSettings:
-    model: str | None = None  # a LitGPT config by name (e.g. "Qwen3-0.6B"), depth from ``layers``; else the fields below
+    model: str | None = None  # a LitGPT config by name ("Qwen3-0.6B"), depth from ``layers``; else the shape below
     n_embd: int = 512
     n_head: int = 8
     n_query_groups: int = 4
@@ -442,7 +442,7 @@ def _fmt_bytes(n: float) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    shape = (f"{s['model']}" if s.get("model") else
+    shape = (s["model"] if s.get("model") else
              f"d {s['n_embd']}, {s['n_head']} heads / {s['n_query_groups']} kv, ff {s['intermediate_size']}, "
              f"vocab {s['vocab_size']}")
     threads = f"threads {s['threads']}; " if report["device"].startswith("CPU") else ""
@@ -596,6 +596,8 @@ def parse_args(argv: list[str] | None) -> tuple[BenchSettings, argparse.Namespac
         if args.model not in name_to_config:
             p.error(f"--model {args.model!r} is not a LitGPT config name; pick one of litgpt.config.name_to_config "
                     "(e.g. Qwen3-0.6B, pythia-160m)")
+        if args.n_embd is not None:
+            p.error("--n-embd sets the width of the issue's shape; with --model the config's own width is used")
     overrides = {
         k: (tuple(v) if isinstance(v, list) else v)
         for k, v in {

@@ -40,8 +40,9 @@ def test_benchmark_of_a_litgpt_config_by_name(tmp_path) -> None:
     assert set(rows) == {"baseline", "delta_block"} and rows["delta_block"]["routing_params"] > 0
     assert rows["baseline"]["params"] == 2 * 50304 * 128 + 2 * (12 * 128 * 128 + 13 * 128) + 2 * 128
     assert (tmp_path / "p.md").read_text().startswith("Device: CPU") and "pythia-14m" in (tmp_path / "p.md").read_text()
-    with pytest.raises(SystemExit):
-        bench.main(["--quick", "--model", "no-such-model", "--out", str(tmp_path)])
+    for wrong in (["--model", "no-such-model"], ["--model", "pythia-14m", "--n-embd", "256"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--quick", *wrong, "--out", str(tmp_path)])
 
 
 def test_resident_bytes_are_the_models_own() -> None:
