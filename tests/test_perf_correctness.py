@@ -413,6 +413,36 @@ def test_routing_compiles_without_graph_breaks(mode: str) -> None:
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_cached_decoding_compiles_without_graph_breaks(mode: str) -> None:
+    """A decoded token's forward (KV cache, inference mode) is one graph: what LitGPT's ``generate --compile``
+    turns into CUDA graphs."""
+    model = _model(mode).eval()
+    model.set_kv_cache(batch_size=2)
+    idx = torch.randint(0, 64, (2, 7))
+    with torch.inference_mode():
+        model(idx[:, :6], input_pos=torch.arange(6))
+        explanation = torch._dynamo.explain(model)(idx[:, 6:], input_pos=torch.tensor([6]))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_compiled_decoding_matches_eager() -> None:
+    torch._dynamo.reset()
+    model = _model("delta_block").eval()
+    _randomize_routing(model)
+    idx = torch.randint(0, 64, (2, 9))
+    outs = []
+    for fwd in (model, torch.compile(model, dynamic=False)):
+        model.set_kv_cache(batch_size=2)
+        with torch.inference_mode():
+            steps = [fwd(idx[:, :6], input_pos=torch.arange(6))]
+            steps += [fwd(idx[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(6, 9)]
+        outs.append(torch.cat(steps, 1))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["delta", "attnres_block"])
 def test_compiled_training_step_matches_eager(mode: str) -> None:
