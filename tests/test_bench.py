@@ -152,6 +152,15 @@ def test_bank_products_script_times_the_banks_reads(capsys: pytest.CaptureFixtur
     assert len(rows) == 2 * len(prods) and all(float(r.split("|")[-3]) > 0 for r in rows)  # ms
 
 
+@pytest.mark.slow
+def test_compiled_decode_script_compares_each_kind_with_its_baseline() -> None:
+    report = _script("compiled_decode").main(["--device", "cpu", "--quick", "--layers", "2", "--rounds", "1",
+                                              "--tokens", "3"])
+    assert set(report) == {"baseline eager", "baseline", "delta_block eager", "delta_block"}
+    assert report["baseline"]["ratio"] == report["baseline eager"]["ratio"] == 1.0
+    assert all(r["ms_per_step"] > 0 for r in report.values())
+
+
 def test_num_blocks_fallback() -> None:
     assert bench.valid_num_blocks(12, 4) == 4
     assert bench.valid_num_blocks(6, 4) == 3
