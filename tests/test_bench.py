@@ -114,17 +114,8 @@ print(memory, timing)
     assert timing < pages // 20, (timing, pages)  # reused from the heap
 
 
-def test_routing_time_script_measures_each_setting() -> None:
-    """benchmarks/routing_time.py (the low-noise measure of a routing change) on a tiny model."""
-    script = _script("routing_time")
-    report = script.main(["--quick", "--layers", "6", "--knob", "lookahead", "--values", "0", "2", "--rounds", "1"])
-    assert set(report) == {0, 2}
-    for row in report.values():
-        assert row["min_ms"] > 0
-        assert {"_BankRoute", "_BankRouteBackward", "_Emit", "_EmitBackward"} <= set(row["per_function_ms"])
-
-
 def _script(name: str):
+    """A script of ``benchmarks/`` as a module."""
     import importlib.util
     from pathlib import Path
 
@@ -133,6 +124,16 @@ def _script(name: str):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     return script
+
+
+def test_routing_time_script_measures_each_setting() -> None:
+    """benchmarks/routing_time.py (the low-noise measure of a routing change) on a tiny model."""
+    script = _script("routing_time")
+    report = script.main(["--quick", "--layers", "6", "--knob", "lookahead", "--values", "0", "2", "--rounds", "1"])
+    assert set(report) == {0, 2}
+    for row in report.values():
+        assert row["min_ms"] > 0
+        assert {"_BankRoute", "_BankRouteBackward", "_Emit", "_EmitBackward"} <= set(row["per_function_ms"])
 
 
 def test_bank_products_script_times_the_banks_reads(capsys: pytest.CaptureFixture) -> None:
