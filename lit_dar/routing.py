@@ -118,13 +118,20 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
 
 
 def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int) -> Tensor:
-    """The routing math in plain autograd: what ``torch.compile`` traces (inductor fuses it)."""
-    x = torch.stack([u.to(q.dtype) for u in sources], dim=-2)
-    logits = (x @ q) * torch.rsqrt(x.pow(2).mean(-1) + eps)
+    """The routing math in plain autograd: what ``torch.compile`` traces (inductor fuses it).
+
+    Source by source, never stacked: a stack is a new ``n×D`` tensor per routed point, which autograd (and
+    a compiled graph) would keep for backward — O(L²) memory for Delta. Written this way only the ``n``
+    logits per token are new; the mixture is one fused pass over the sources."""
+    xs = [u.to(q.dtype) for u in sources]
+    logits = torch.stack([(x @ q) * torch.rsqrt(x.pow(2).mean(-1) + eps) for x in xs], dim=-1)
     alpha = torch.softmax(logits, dim=-1)
     if stats is not None:
         stats[key] = alpha.detach()
-    return (alpha.unsqueeze(-1) * x).sum(-2).to(sources[0].dtype)
+    mixture = alpha[..., 0, None] * xs[0]
+    for i in range(1, len(xs)):
+        mixture = mixture + alpha[..., i, None] * xs[i]
+    return mixture.to(sources[0].dtype)
 
 
 # --------------------------------------------------------------------------------------------------
