@@ -59,7 +59,7 @@ def _autocast_on(device: torch.device) -> bool:
     return device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
 
 
-def _no_autocast(device: torch.device):
+def no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False) if _autocast_on(device) else _NULL_CONTEXT
 
 
@@ -500,7 +500,7 @@ class _Emit(torch.autograd.Function):
     def backward(ctx, _token: Tensor):  # type: ignore[override]
         bank, i = ctx.bank, ctx.i
         values, _ = ctx.saved_tensors
-        with _no_autocast(values.device):
+        with no_autocast(values.device):
             grad, d_queries, d_gate = bank.release(i, values[:, i], ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         d_queries = None if d_queries is None else d_queries.to(bank.queries.dtype)
         grad = None if grad is None else grad.view(bank.shape).to(ctx.u_dtype)
@@ -530,7 +530,7 @@ class _BankRoute(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         bank, n, k = ctx.bank, ctx.n, ctx.k
         q, values, alpha, pre, post, gate = ctx.saved_tensors
-        with _no_autocast(values.device):
+        with no_autocast(values.device):
             g = grad_out.reshape(bank.lead, -1).to(values.dtype)
             d_stream = grad_out if ctx.additive else None  # h = stream + …: the stream's gradient is h's
             if pre is None and post is None and bank.defers(k):
@@ -596,7 +596,7 @@ class _GroupRoute(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        with _no_autocast(grad_out.device):
+        with no_autocast(grad_out.device):
             ctx.bank.keep(ctx.k, ctx.n, grad_out, ctx.group)
         return (None, None, None, None, grad_out, None, None, *([None] * ctx.n_tokens))
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lit_dar.bank import BufferPool, SourceBank, bank_input, compute_dtype, emit, group_input
+from lit_dar.bank import BufferPool, SourceBank, bank_input, compute_dtype, emit, group_input, no_autocast
 
 # --------------------------------------------------------------------------------------------------
 # The op
@@ -418,11 +418,12 @@ class DepthRouter(nn.Module):
         """The mixture ``r_k`` of routed point ``k`` over ``sources`` (plus its null source)."""
         if self.null is not None:
             sources = (self.null[k].to(sources[0].dtype).expand_as(sources[0]), *sources)
-        if self.implementation == "autograd" or torch.compiler.is_compiling():
-            dtype = compute_dtype(sources[0].dtype)
-            q = self.query[k].to(dtype) * self.key_gain[k].to(dtype)
-            return _plain_depth_attention(sources, q, self.eps, stats, k)
-        return depth_attention(sources, self.query[k], self.key_gain[k], self.eps, stats, k)
+        with no_autocast(sources[0].device):  # the routing math is fp32 under bf16 autocast too
+            if self.implementation == "autograd" or torch.compiler.is_compiling():
+                dtype = compute_dtype(sources[0].dtype)
+                q = self.query[k].to(dtype) * self.key_gain[k].to(dtype)
+                return _plain_depth_attention(sources, q, self.eps, stats, k)
+            return depth_attention(sources, self.query[k], self.key_gain[k], self.eps, stats, k)
 
     def combine(self, k: int, stream: Tensor, mixture: Tensor) -> Tensor:
         """Sublayer input: ``s + g·r`` (additive; g = 1 without a gate) or ``r`` (replacement)."""

@@ -361,6 +361,28 @@ def test_bf16_autocast_routing_in_fp32() -> None:
     torch.testing.assert_close(outs["bank"], outs["autograd"], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("impl", ["op", "autograd"])
+def test_every_implementation_routes_in_fp32_under_autocast(impl: str) -> None:
+    """Under bf16 autocast the per-point paths (the plain math is what ``torch.compile`` traces) give exactly
+    their fp32 result: their products are not cast down."""
+    model = _model("delta", null_source=True)
+    _randomize_routing(model)
+    model.dar.implementation = impl
+    sources = tuple(torch.randn(2, 5, 16) for _ in range(3))
+    ref = model.dar.route(3, sources)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.dar.route(3, sources)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("mode", ["delta", "delta_block"])
+def test_routing_compiles_without_graph_breaks_under_autocast(mode: str) -> None:
+    model = _model(mode, null_source=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(torch.randint(0, 64, (2, 8)))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_meta_device_and_stats() -> None:
     with torch.device("meta"):
         model = GPT(tiny())
