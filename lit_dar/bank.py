@@ -60,6 +60,7 @@ def _autocast_on(device: torch.device) -> bool:
 
 
 def no_autocast(device: torch.device):
+    """Turn autocast off, only where it is on: the routing math is fp32 (entering a context costs µs a token)."""
     return torch.autocast(device.type, enabled=False) if _autocast_on(device) else _NULL_CONTEXT
 
 
