@@ -15,6 +15,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,29 +37,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     make = BenchSettings.quick if args.quick else BenchSettings
-    settings = make(model=args.model, modes=("delta_block",), device=device.type, precision="bf16-mixed")
-    B, P, N = settings.batch_size, args.prompt, args.tokens
+    settings = make(model=args.model, modes=("delta_block",), device=device.type, precision="bf16-mixed",
+                    decode_prompt=args.prompt, decode_tokens=args.tokens)
+    B = settings.batch_size
     runs: dict[str, tuple] = {}
     for trainer, _ in build_trainers(settings, args.layers, device):
-        model = trainer.model.eval()
-        model.set_kv_cache(batch_size=B, max_seq_length=P + N + 1, device=device)
-        compiled = torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else "default", dynamic=False)
-        for label, forward in ((f"{trainer.name} eager", model), (trainer.name, compiled)):
-
-            def run(model=model, forward=forward, idx=trainer.idx) -> float:
-                """Seconds per decoded token step (B sequences)."""
-                with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
-                    model(idx[:, :P], input_pos=torch.arange(P, device=device))  # prefill, eager
-                    tok = idx[:, P : P + 1]
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    for i in range(N):
-                        tok = forward(tok, input_pos=torch.tensor([P + i], device=device))[:, -1:].argmax(-1)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    return (time.perf_counter() - t0) / N
-
+        compiled = torch.compile(trainer.model, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                 dynamic=False)
+        for label, forward in ((f"{trainer.name} eager", None), (trainer.name, compiled)):
+            run = partial(trainer.decode, forward)  # seconds per decoded token step (B sequences)
             t0 = time.perf_counter()
             run(), run()  # compiling, recording the graphs
             print(f"{label}: ready in {time.perf_counter() - t0:.0f} s", flush=True)

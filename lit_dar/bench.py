@@ -33,7 +33,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -299,10 +299,12 @@ class Trainer:
         return rss.increase
 
     @torch.inference_mode()
-    def decode(self) -> float:
+    def decode(self, forward: Callable[..., torch.Tensor] | None = None) -> float:
         """Seconds per decoding step (batch of B sequences, one token each) after a short prefill; in inference
-        mode, as LitGPT's ``generate`` runs."""
+        mode, as LitGPT's ``generate`` runs. ``forward`` (default: the model) decodes the tokens, e.g. the model
+        compiled; the prefill always runs the model itself."""
         s, model = self.settings, self.model
+        forward = model if forward is None else forward
         total = s.decode_prompt + s.decode_tokens
         if getattr(self, "_kv", None) is None:
             model.set_kv_cache(batch_size=s.batch_size, max_seq_length=total, device=self.device)
@@ -317,7 +319,7 @@ class Trainer:
             t0 = time.perf_counter()
             for i in range(s.decode_tokens):
                 pos = torch.tensor([s.decode_prompt + i], device=self.device)
-                logits = model(tok, input_pos=pos)
+                logits = forward(tok, input_pos=pos)
                 tok = logits[:, -1:].argmax(-1)
             _sync(self.device)
         model.train(was_training)
