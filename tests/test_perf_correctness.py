@@ -39,7 +39,7 @@ def _grads(model: GPT, idx: torch.Tensor, impl: str, dtype=torch.float64) -> tup
     model.zero_grad(set_to_none=True)
     logits = model(idx)
     w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=logits.dtype)
-    (logits * w).sum().backward()
+    (logits * w.to(logits.device)).sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -508,14 +508,7 @@ def test_implementations_agree_on_gpu(mode: str) -> None:
     patch_model(model, DARConfig(mode=mode, num_blocks=3, gate="scalar" if mode.startswith("delta") else "none"))
     _randomize_routing(model)
     idx = torch.randint(0, 64, (2, 9), device="cuda")
-    results = {}
-    for impl in ("autograd", "bank"):
-        model.dar.implementation = impl
-        model.zero_grad(set_to_none=True)
-        logits = model(idx)
-        (logits * torch.linspace(-1, 1, logits.numel(), device="cuda", dtype=logits.dtype).view_as(logits)).sum().backward()
-        results[impl] = logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    (ref_out, ref), (out, grads) = results["autograd"], results["bank"]
+    (ref_out, ref), (out, grads) = (_grads(model, idx, impl) for impl in ("autograd", "bank"))
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     assert grads.keys() == ref.keys()
     for name in ref:
