@@ -117,14 +117,25 @@ def reference_depth_attention(sources: list[Tensor], query: Tensor, key_gain: Te
     return (alpha.unsqueeze(-1) * x).sum(-2).to(sources[0].dtype)
 
 
-def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int) -> Tensor:
+def _logits_of(x: Tensor, queries: Tensor, eps: float) -> Tensor:
+    """``(q_k · u) / rms(u)`` of one fp32 source ``x`` ``(..., D)`` for every row ``q_k`` of ``queries``
+    ``(R, D)``: ``(..., R)``, one product over the source."""
+    return (x @ queries.t()) * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, stats: dict | None, key: int,
+                           logits: tuple[Tensor | None, ...] = ()) -> Tensor:
     """The routing math in plain autograd: what ``torch.compile`` traces (inductor fuses it).
 
     Source by source, never stacked: a stack is a new ``n×D`` tensor per routed point, which autograd (and
     a compiled graph) would keep for backward — O(L²) memory for Delta. Written this way only the ``n``
-    logits per token are new; the mixture is one fused pass over the sources."""
+    logits per token are new; the mixture is one fused pass over the sources. ``logits`` gives those of
+    the first sources where they are known already (the router computes a source's logits for every
+    routed point once, when the source is completed), so a routed point reads its sources once, not twice.
+    """
     xs = [u.to(q.dtype) for u in sources]
-    logits = torch.stack([(x @ q) * torch.rsqrt(x.pow(2).mean(-1) + eps) for x in xs], dim=-1)
+    known = logits + (None,) * (len(xs) - len(logits))
+    logits = torch.stack([_logits_of(x, q[None], eps)[..., 0] if l is None else l for x, l in zip(xs, known)], -1)
     alpha = torch.softmax(logits, dim=-1)
     if stats is not None:
         stats[key] = alpha.detach()
@@ -273,6 +284,9 @@ class RoutingState(NamedTuple):
     bank: SourceBank | None = None
     tokens: tuple[Tensor, ...] = ()
     queries: Tensor | None = None
+    # the plain path (torch.compile, ``implementation="autograd"``): per completed source, its logits for the
+    # routed points from its first reader on ``(..., R - first)``, computed by the router when it completes
+    logits: tuple[Tensor, ...] | None = None
 
     @property
     def n_completed(self) -> int:
@@ -293,12 +307,12 @@ class RoutingState(NamedTuple):
         partial = output if self.partial is None else self.partial + output
         sources, tokens = self.sources, self.tokens
         if not plan.closes_group[j]:
-            return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries)
+            return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries, self.logits)
         if self.bank is not None:
             tokens = (*tokens, emit(self.bank, len(tokens), partial, self.queries))
         else:
             sources = (*sources, partial)
-        return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries)
+        return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries, self.logits)
 
 
 def _shared_source_groups(plan: RoutingPlan) -> tuple[tuple[int, int] | None, ...]:
@@ -414,15 +428,18 @@ class DepthRouter(nn.Module):
                 "Patch the model with the checkpoint's config (lit_dar.load_model reads it from dar_config.yaml)."
             )
 
-    def route(self, k: int, sources: tuple[Tensor, ...], stats: dict | None = None) -> Tensor:
-        """The mixture ``r_k`` of routed point ``k`` over ``sources`` (plus its null source)."""
+    def route(self, k: int, sources: tuple[Tensor, ...], stats: dict | None = None,
+              logits: tuple[Tensor, ...] = ()) -> Tensor:
+        """The mixture ``r_k`` of routed point ``k`` over ``sources`` (plus its null source); ``logits``: those
+        of the first sources, where the plain path knows them already (see :meth:`_completed`)."""
         if self.null is not None:
             sources = (self.null[k].to(sources[0].dtype).expand_as(sources[0]), *sources)
+            logits = (None, *logits) if logits else ()
         with no_autocast(sources[0].device):  # the routing math is fp32 under bf16 autocast too
-            if self.implementation == "autograd" or torch.compiler.is_compiling():
+            if self._plain():
                 dtype = compute_dtype(sources[0].dtype)
                 q = self.query[k].to(dtype) * self.key_gain[k].to(dtype)
-                return _plain_depth_attention(sources, q, self.eps, stats, k)
+                return _plain_depth_attention(sources, q, self.eps, stats, k, logits)
             return depth_attention(sources, self.query[k], self.key_gain[k], self.eps, stats, k)
 
     def combine(self, k: int, stream: Tensor, mixture: Tensor) -> Tensor:
@@ -450,7 +467,27 @@ class DepthRouter(nn.Module):
                 bank.gate = self.gate
             token = emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
+        if self._plain():
+            dtype = compute_dtype(x0.dtype)
+            queries = self.query.to(dtype) * self.key_gain.to(dtype)
+            return self._completed(RoutingState((x0,), None, stats, queries=queries, logits=()))
         return RoutingState((x0,), None, stats)
+
+    def _plain(self) -> bool:
+        """Whether the plain math runs: under ``torch.compile``, or when asked for."""
+        return self.implementation == "autograd" or torch.compiler.is_compiling()
+
+    def _completed(self, state: RoutingState) -> RoutingState:
+        """On the plain path, give a newly completed source its logits for every routed point that reads it
+        (from its first reader on), in one product: a routed point then reads its sources once (the mixture),
+        not twice (logits, mixture)."""
+        i = len(state.sources) - 1
+        if state.logits is None or len(state.logits) > i:
+            return state
+        with no_autocast(state.queries.device):
+            x = state.sources[i].to(state.queries.dtype)
+            logits = _logits_of(x, state.queries[self._first_readers[i]:], self.eps)
+            return state._replace(logits=(*state.logits, logits))
 
     def _windows(self) -> tuple[tuple[int, int, int] | None, ...]:
         if self._window_cache[0] != self.lookahead:
@@ -477,7 +514,10 @@ class DepthRouter(nn.Module):
     def _input(self, k: int, stream: Tensor, state: RoutingState, final: bool = False) -> Tensor:
         """The input of routed point ``k``: its mixture over what ``state`` makes visible, combined with the stream."""
         if state.bank is None:
-            mixture = self.route(k, state.final() if final else state.visible(self.plan), state.stats)
+            logits = () if state.logits is None else tuple(
+                x[..., k - first] for x, first in zip(state.logits, self._first_readers)
+            )
+            mixture = self.route(k, state.final() if final else state.visible(self.plan), state.stats, logits)
             return self.combine(k, stream, mixture)
         group = self._groups[k]
         if group is not None:  # a block of Delta Block: one product per block, not per routed point
@@ -507,11 +547,11 @@ class DepthRouter(nn.Module):
         if plan.parallel:  # both sublayers read the sources completed before this layer
             outputs = [f(self._input(j, stream, state)) for j, f in zip(pair, (attn, mlp))]
             for j, v in zip(pair, outputs):
-                stream, state = v + stream, state.emit(plan, j, v)
+                stream, state = v + stream, self._completed(state.emit(plan, j, v))
             return stream, state
         for j, f in zip(pair, (attn, mlp)):
             v = f(self._input(j, stream, state))
-            stream, state = v + stream, state.emit(plan, j, v)
+            stream, state = v + stream, self._completed(state.emit(plan, j, v))
         return stream, state
 
     def finish(self, stream: Tensor, state: RoutingState) -> Tensor:

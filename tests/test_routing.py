@@ -148,3 +148,46 @@ def test_router_reset_and_extra_state() -> None:
     other.config_dict = {"mode": "delta_block"}
     with pytest.raises(ValueError, match="routing config differs"):
         other.load_state_dict(router.state_dict())
+
+
+def test_plain_path_reads_a_source_once_per_routed_point() -> None:
+    """The plain math (what ``torch.compile`` traces) gets a source's logits for every routed point from one
+    product when the source completes; a routed point then reads each source once, for its mixture. Computing
+    the logits per routed point would read every source twice more per reader (its dot product, its norm)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.storages: list[set[int]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:  # views read nothing
+                flat = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+                self.storages.append({t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    n_layer = 3
+    plan = RoutingPlan.for_mode("delta", n_layer, 1, False)
+    router = DepthRouter(plan, 8, gate=False, null_source=False)
+    router.implementation = "autograd"
+    torch.nn.init.normal_(router.query)
+    outputs = []
+
+    def sublayer(h: torch.Tensor) -> torch.Tensor:
+        outputs.append(torch.tanh(h))
+        return outputs[-1]
+
+    x0 = torch.randn(2, 5, 8)
+    with torch.no_grad(), Reads() as reads:
+        stream, state = x0, router.start(x0)
+        for layer in range(n_layer):
+            stream, state = router.layer(layer, stream, state, sublayer, sublayer)
+    first = plan.first_readers()  # a source's logits are computed for the points that read it
+    assert [x.shape for x in state.logits] == [(2, 5, plan.n_routes - f) for f in first]
+    readers = [sum(n > i for n in plan.n_sources()) for i in range(plan.n_stored)]
+    for i, source in enumerate((x0, *outputs[: plan.n_stored - 1])):
+        ptr = source.untyped_storage().data_ptr()
+        ops = sum(ptr in op for op in reads.storages)
+        # its logits (a product and a norm), the stream adds it enters, and one mixture term per reader
+        assert ops <= 4 + readers[i], (i, ops, readers[i])
