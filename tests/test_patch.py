@@ -215,9 +215,9 @@ def test_delta_block_sources_are_exact_block_deltas() -> None:
         block.register_forward_hook(lambda m, args, out: streams.append(out[0].detach()))
     route = model.dar.route
 
-    def spy(k, sources, stats=None):
+    def spy(k, sources, *args):
         seen[k] = [u.detach() for u in sources]
-        return route(k, sources, stats)
+        return route(k, sources, *args)
 
     model.dar.route = spy
     x0 = model.transformer.wte(idx := torch.randint(0, 96, (2, 5))).detach()
