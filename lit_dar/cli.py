@@ -88,6 +88,7 @@ def pretrain(
     routing: RoutingArgs = RoutingArgs(),
     strategy: StrategyName = "auto",
     activation_checkpointing: bool = False,
+    compile: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Pretrain a (Delta Attention Residuals) LitGPT model from scratch.
@@ -113,6 +114,8 @@ def pretrain(
         routing: Routing LR, weight decay, monitoring.
         strategy: ``auto``, ``ddp``, ``fsdp`` (FSDP1, GPUs) or ``fsdp2`` (``ModelParallelStrategy``).
         activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
+        compile: ``torch.compile`` the model, as ``litgpt pretrain`` does (the fastest path for Delta; the first
+            steps pay the compilation).
         overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
     """
     from lit_dar.run import RunSpec, fit
@@ -123,7 +126,7 @@ def pretrain(
         resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
         devices=devices, num_nodes=num_nodes, tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
         dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
-        overwrite=overwrite, init_weights=True,
+        overwrite=overwrite, init_weights=True, compile=compile,
     )
     return fit(spec)
 
@@ -148,6 +151,7 @@ def finetune(
     routing: RoutingArgs = RoutingArgs(lr=5e-3),
     strategy: StrategyName = "auto",
     activation_checkpointing: bool = False,
+    compile: bool = False,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Fully fine-tune an existing LitGPT checkpoint converted to DAR with a zero gate (identity at init).
@@ -169,6 +173,8 @@ def finetune(
         routing: Routing LR (the paper: 5e-3), weight decay, ``freeze_base``, monitoring.
         strategy: ``auto``, ``ddp``, ``fsdp`` or ``fsdp2``.
         activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
+        compile: ``torch.compile`` the model, as ``litgpt pretrain`` does (the fastest path for Delta; the first
+            steps pay the compilation).
         overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
     """
     from lit_dar.run import RunSpec, fit
@@ -180,7 +186,7 @@ def finetune(
         resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
         devices=devices, num_nodes=num_nodes, tokenizer_dir=checkpoint_dir, logger_name=logger_name, seed=seed,
         dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
-        overwrite=overwrite, init_weights=False,
+        overwrite=overwrite, init_weights=False, compile=compile,
     )
     return fit(spec)
 

@@ -52,6 +52,9 @@ class LitGPTModule(LightningModule):
             checkpoint leaves the routing at its identity-friendly init). Loaded when fitting starts.
         max_seq_length: shorten the model's context (RoPE cache) to the training length.
         init_weights: GPT-NeoX init as in ``litgpt/pretrain.py`` (else PyTorch's default init).
+        compile: ``torch.compile`` the GPT, as ``litgpt/pretrain.py`` does; in place (``nn.Module.compile``),
+            so its parameter names and checkpoints stay those of the plain GPT. Routing then runs the plain
+            math, which inductor fuses: for Delta the fastest path (``docs/performance.md``).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class LitGPTModule(LightningModule):
         initial_checkpoint_dir: str | None = None,
         max_seq_length: int | None = None,
         init_weights: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.config = Config.from_name(config) if isinstance(config, str) else config
@@ -101,6 +105,8 @@ class LitGPTModule(LightningModule):
         self._param_counts = (num_parameters(model, requires_grad=True), num_parameters(model, requires_grad=False))
         if self.device_mesh is not None:
             self._shard(self.device_mesh)
+        if self.hparams.compile:  # after patching and sharding; compiled lazily, at the first forward
+            self.model.compile()
 
     def _sharded_strategy(self) -> bool:
         from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy

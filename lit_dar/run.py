@@ -56,6 +56,7 @@ class RunSpec:
     activation_checkpointing: bool
     overwrite: bool
     init_weights: bool
+    compile: bool = False
     enable_progress_bar: bool = True
 
 
@@ -180,7 +181,7 @@ def fit(spec: RunSpec) -> dict[str, Any]:
         spec.config, learning_rate=opt["lr"], weight_decay=opt["weight_decay"], betas=opt["betas"],
         warmup_steps=min(train.lr_warmup_steps or 0, max_steps - 1), max_steps=max_steps, min_lr=min(train.min_lr, opt["lr"]),
         initial_checkpoint_dir=None if spec.initial_checkpoint_dir is None else str(spec.initial_checkpoint_dir),
-        max_seq_length=max_seq_length, init_weights=spec.init_weights,
+        max_seq_length=max_seq_length, init_weights=spec.init_weights, compile=spec.compile,
     )
     callbacks: list[Any] = [
         ModelCheckpoint(dirpath=spec.out_dir / "checkpoints", every_n_train_steps=train.save_interval or max_steps,

@@ -69,6 +69,8 @@ def test_recipe_parses_and_builds_on_meta(path: Path) -> None:
         assert init.precision == "bf16-true" and init.strategy == "fsdp"
     if path.name != "tiny.yaml":
         assert init.strategy == "fsdp" and init.devices >= 4
+    assert init.compile is False  # opt-in, as the recipe's comment says
+    assert parser.parse_args(["--config", str(path), "--compile", "true"]).compile is True
 
 
 def test_qwen3_8b_recipe_reports_the_papers_589k() -> None:

@@ -162,6 +162,32 @@ def test_sft_dict_batches_score_only_labelled_tokens(tmp_path: Path) -> None:
     assert float(module.trainer.callback_metrics["val_loss"]) == pytest.approx(float(reference.compute()), rel=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    """``compile=True`` compiles the patched GPT in place: the same losses as eager (routing then runs the
+    plain math), the plain GPT's parameter names, and a checkpoint that rebuilds the model."""
+    losses, modules = {}, {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        module = LitGPTModule(tiny_config(), learning_rate=3e-3, warmup_steps=1, max_steps=4, compile=compiled)
+        logger = CSVLogger(tmp_path, name=f"compile_{compiled}", version=0)
+        fit = trainer(tmp_path, 4, [DeltaAttnResCallback(DARConfig(mode="delta", gate="scalar"))], logger=logger)
+        loader = torch.utils.data.DataLoader(Sequences(pattern_data(64, seed=0)), batch_size=8)
+        fit.fit(module, loader)
+        rows = csv.DictReader((tmp_path / f"compile_{compiled}" / "version_0" / "metrics.csv").open())
+        losses[compiled] = [float(r["train_loss"]) for r in rows if r.get("train_loss")]
+        modules[compiled] = module
+    assert len(losses[True]) == 4 and losses[True] != losses[True][:1] * 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    model = modules[True].model
+    assert model._compiled_call_impl is not None and modules[False].model._compiled_call_impl is None
+    assert model.state_dict().keys() == modules[False].model.state_dict().keys()
+    modules[True].trainer.save_checkpoint(tmp_path / "compiled.ckpt")
+    probe = pattern_data(2, seed=5)[:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(load_lightning_checkpoint(tmp_path / "compiled.ckpt")(probe), model(probe))
+
+
 def test_bad_schedule_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="warmup_steps < max_steps"):
         trainer(tmp_path, 2).fit(LitGPTModule(tiny_config(), warmup_steps=5, max_steps=5), train_loader())
