@@ -135,7 +135,7 @@ def _plain_depth_attention(sources: tuple[Tensor, ...], q: Tensor, eps: float, s
     """
     xs = [u.to(q.dtype) for u in sources]
     known = logits + (None,) * (len(xs) - len(logits))
-    logits = torch.stack([_logits_of(x, q[None], eps)[..., 0] if l is None else l for x, l in zip(xs, known)], -1)
+    logits = torch.stack([_logits_of(x, q[None], eps)[..., 0] if lg is None else lg for x, lg in zip(xs, known)], -1)
     alpha = torch.softmax(logits, dim=-1)
     if stats is not None:
         stats[key] = alpha.detach()
