@@ -119,11 +119,13 @@ def worker(strategy_name: str, out: Path) -> None:
         return bool(torch.equal(ref, t.detach()))
 
     L.seed_everything(0)
+    strategy_name, compiled = strategy_name.removesuffix("-compile"), strategy_name.endswith("-compile")
     if strategy_name == "fsdp2":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = "ddp"
-    module = LitGPTModule(tiny_config(), learning_rate=3e-3, weight_decay=0.1, warmup_steps=3, max_steps=STEPS, min_lr=3e-4)
+    module = LitGPTModule(tiny_config(), learning_rate=3e-3, weight_decay=0.1, warmup_steps=3, max_steps=STEPS, min_lr=3e-4,
+                          compile=compiled)
     dar = DeltaAttnResCallback(DARConfig(**DAR), routing_lr=3e-2, log_interval=5, image_interval=10)
     probe = Probe()
     trainer = L.Trainer(
@@ -143,6 +145,7 @@ def worker(strategy_name: str, out: Path) -> None:
             losses=probe.losses, grad_norms=probe.grad_norms, grads_in_sync=probe.grads_in_sync,
             val_ppl=float(trainer.callback_metrics["val_ppl"]), val_loss=float(trainer.callback_metrics["val_loss"]),
             dar_metrics=dar.last_metrics, world_size=trainer.world_size,
+            compiled=module.model._compiled_call_impl is not None,
         )
         (out / "result.json").write_text(json.dumps(probe.result, indent=1))
 
@@ -253,6 +256,18 @@ def test_two_process_perplexity_equals_single_process(runs, strategy: str) -> No
 
 
 @two_processes
+@two_processes
+def test_compiled_fsdp2_run_matches_the_eager_one(runs) -> None:
+    """``compile=True`` under FSDP2 (the GPT compiled in place after ``fully_shard``): the same training as
+    eager, and the routing parameters still in sync across ranks."""
+    eager, _ = runs("fsdp2")
+    compiled, _ = runs("fsdp2-compile")
+    assert compiled["compiled"] and not eager["compiled"]
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=1e-3)
+    assert compiled["val_ppl"] == pytest.approx(eager["val_ppl"], rel=1e-3)
+    assert compiled["grads_in_sync"] and all(compiled["routing_in_sync"])
+
+
 def test_fsdp2_run_logs_routing_to_tensorboard(runs) -> None:
     """Rank 0 wrote the routing scalars and heatmap (gates read from the sharded router)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
