@@ -468,8 +468,7 @@ class DepthRouter(nn.Module):
             token = emit(bank, 0, x0, queries)
             return RoutingState((), None, stats, bank, (token,), queries)
         if self._plain():
-            dtype = compute_dtype(x0.dtype)
-            queries = self.query.to(dtype) * self.key_gain.to(dtype)
+            queries = self._stacked_queries(compute_dtype(x0.dtype))
             return self._completed(RoutingState((x0,), None, stats, queries=queries, logits=()))
         return RoutingState((x0,), None, stats)
 
@@ -481,9 +480,9 @@ class DepthRouter(nn.Module):
         """On the plain path, give a newly completed source its logits for every routed point that reads it
         (from its first reader on), in one product: a routed point then reads its sources once (the mixture),
         not twice (logits, mixture)."""
-        i = len(state.sources) - 1
-        if state.logits is None or len(state.logits) > i:
+        if state.logits is None or len(state.logits) == len(state.sources):
             return state
+        i = len(state.sources) - 1
         with no_autocast(state.queries.device):
             x = state.sources[i].to(state.queries.dtype)
             logits = _logits_of(x, state.queries[self._first_readers[i]:], self.eps)
@@ -496,8 +495,9 @@ class DepthRouter(nn.Module):
 
     def _stacked_queries(self, dtype: torch.dtype) -> Tensor:
         """``query ∘ key_gain`` for every routed point; without grad (decoding) it is recomputed only when the
-        parameters change (their version counters or storage), not for every token."""
-        if torch.is_grad_enabled():
+        parameters change (their version counters or storage), not for every token. A compiled graph computes
+        them in the graph (dynamo cannot trace the storage check)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self.query.to(dtype) * self.key_gain.to(dtype)
         key = (dtype, self.query._version, self.key_gain._version, self.query.data_ptr(), self.key_gain.data_ptr())
         if self._frozen is None or self._frozen[0] != key:
