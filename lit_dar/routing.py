@@ -28,7 +28,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lit_dar.bank import BufferPool, SourceBank, bank_input, compute_dtype, emit, group_input, no_autocast
+from lit_dar.bank import (
+    BufferPool, SourceBank, bank_input, compute_dtype, emit, group_input, no_autocast, window_size,
+)
 
 # --------------------------------------------------------------------------------------------------
 # The op
@@ -341,17 +343,16 @@ def _lookahead_windows(plan: RoutingPlan, groups: tuple[tuple[int, int] | None, 
     windows: list[tuple[int, int, int] | None] = [None] * len(groups)
     if size < 2 or plan.see_partial:
         return tuple(windows)
-    # a window pays when its shared prefix is long against the K rows its product writes
     counts = plan.n_sources()
-    eligible = [g is None and n >= 2 * size for g, n in zip(groups, counts)] + [False]
-    run: list[int] = []
-    for k, ok in enumerate(eligible):
-        if ok and len(run) < size:
-            run.append(k)
-            continue
-        if len(run) > 1:
-            windows[run[0] : run[-1] + 1] = [(run[0], run[-1] + 1, counts[run[0]])] * len(run)
-        run = [k] if ok else []
+    k = 0
+    while k < len(groups):  # a window's size follows its shared prefix (window_size); it stops at a group
+        end = k
+        if groups[k] is None:
+            end = min(k + window_size(counts[k], size), len(groups))
+            end = next((j for j in range(k, end) if groups[j] is not None), end)
+        if end - k > 1:
+            windows[k:end] = [(k, end, counts[k])] * (end - k)
+        k = max(end, k + 1)
     return tuple(windows)
 
 
@@ -392,11 +393,12 @@ class DepthRouter(nn.Module):
         self._pool = BufferPool()
         self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
         self._first_readers = plan.first_readers()
-        # up to ``lookahead`` routed points (forward) or sources (backward) share one pass over what they read
-        # (SourceBank.window_input, _value_ahead), from ``lookahead_tokens`` tokens on; a window whose shared
-        # prefix has at least ``defer_from × K`` sources shares the backward's dα read too
-        # (SourceBank.window_backward). Tuning knobs of the same function (lookahead 0 turns the sharing off)
-        self.lookahead, self.lookahead_tokens, self.defer_from = 4, 256, 4
+        # windows of K ≈ √(2n) routed points (forward) or sources (backward), at most ``lookahead``, share one
+        # pass over what they read (bank.window_size; SourceBank.window_input, _value_ahead), from
+        # ``lookahead_tokens`` tokens on; a window whose shared prefix has at least ``defer_from × K`` sources
+        # shares the backward's dα read too (SourceBank.window_backward). Tuning knobs of the same function
+        # (lookahead 0 turns the sharing off)
+        self.lookahead, self.lookahead_tokens, self.defer_from = 8, 256, 4
         self._window_cache: tuple[int, tuple] = (-1, ())
         self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()

@@ -100,9 +100,14 @@ def test_only_sources_someone_reads_are_stored() -> None:
 
 
 def test_lookahead_windows() -> None:
-    """Runs of up to K routed points share one product over their common sources, where that prefix has at
-    least 2K sources; grouped points (Delta Block) and plans with a visible partial sum get none."""
+    """Runs of K ≈ √(2n) routed points (at most ``size``) share one product over their common n sources, where
+    that prefix has at least 2K sources; grouped points (Delta Block) and plans with a visible partial sum
+    get none."""
+    from lit_dar.bank import window_size
     from lit_dar.routing import _lookahead_windows, _shared_source_groups
+
+    assert [window_size(n, 8) for n in (3, 4, 6, 9, 13, 18, 32, 50, 100)] == [0, 2, 3, 4, 5, 6, 8, 8, 8]
+    assert window_size(100, 1) == 0 and window_size(100, 4) == 4
 
     def windows(mode, n_layer, parallel=False, size=2):
         plan = RoutingPlan.for_mode(mode, n_layer, 2, parallel)
@@ -110,7 +115,10 @@ def test_lookahead_windows() -> None:
 
     # Delta, L 3: routed point k reads k+1 sources; from 4 sources on, windows of two
     assert windows("delta", 3) == (None, None, None, (3, 5, 4), (3, 5, 4), None)
-    assert windows("delta", 3, size=3) == (None,) * 6  # only the last point reads 6 sources: a run of one
+    assert windows("delta", 3, size=3) == windows("delta", 3)  # a prefix of 4 sources takes windows of two
+    # deeper, the windows grow with their prefix: 2, 3, 4, 5, 6 points (the last point is a run of one)
+    starts = {w for w in windows("delta", 12, size=8) if w is not None}
+    assert sorted(starts) == [(3, 5, 4), (5, 8, 6), (8, 12, 9), (12, 17, 13), (17, 23, 18)]
     # parallel layers: both sublayers read the same sources (counts 1 1 3 3 5 5 7)
     assert windows("attnres_full", 3, parallel=True) == (None,) * 4 + ((4, 6, 5), (4, 6, 5), None)
     assert windows("delta_block", 4) == (None,) * 8
