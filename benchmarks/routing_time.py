@@ -6,7 +6,7 @@ backward of the source bank) moves far less, so this script is what measures suc
 model, one setting after the other, interleaved for a few rounds, minimum and median per setting.
 
     python benchmarks/routing_time.py --layers 24 --mode delta --knob lookahead --values 0 4 --rounds 3
-    python benchmarks/routing_time.py --layers 24 --mode delta --knob defer_from --values 4 1000 --rounds 3
+    python benchmarks/routing_time.py --layers 24 --mode delta --knob defer_from --values 16 1000 --rounds 3
 
 ``--knob`` names a tuning attribute of :class:`lit_dar.routing.DepthRouter` (``lookahead``, ``defer_from``,
 ``lookahead_tokens``); every value is one setting.

@@ -176,7 +176,7 @@ class SourceBank:
         self._mix_buffer: Tensor | None = None
         self._prefix: tuple[int, Tensor] | None = None  # backward: the prefix mixtures of window k0
         self._prefix_buffer: Tensor | None = None
-        self.defer_from = 0  # with ``windows``, the router's threshold for deferring a prefix's dα (defers)
+        self.defer_from = 0  # with ``windows``, the prefix length from which a window defers its dα (defers)
         self.e: Tensor | None = None  # (lead, R): e_k = g_k · Σ_i α_ki u_i, of windowed points
 
     def write(self, i: int, u: Tensor) -> None:
@@ -303,10 +303,11 @@ class SourceBank:
 
     def defers(self, k: int) -> bool:
         """Whether routed point ``k``'s backward goes through its window (:meth:`window_backward`): where the
-        shared prefix is long (``n0 ≥ defer_from·K``; the router sets 4). Each point still makes a few small
-        products of its own (about the cost of reading 6 sources here), so shorter prefixes gain nothing."""
+        shared prefix is long (``n0 ≥ defer_from``; the router sets 16). A point then reads ``2/K`` of the prefix
+        instead of all of it, but still makes a few small products of its own (about the cost of reading 6
+        sources here): ``n0·(1 − 2/K) > 6`` pays from ``n0 ≈ 12`` whatever the window's size."""
         window = self.windows[k] if k < len(self.windows) else None
-        return window is not None and window[2] >= self.defer_from * (window[1] - window[0])
+        return window is not None and window[2] >= self.defer_from
 
     def window_backward(self, k: int, n: int, g: Tensor, alpha: Tensor, gate: Tensor | None) -> Tensor:
         """Routed point ``k``'s backward through its window: keeps ``g``, ``w`` and the ``dlogit`` of its newer

@@ -395,10 +395,10 @@ class DepthRouter(nn.Module):
         self._first_readers = plan.first_readers()
         # windows of K ≈ √(2n) routed points (forward) or sources (backward), at most ``lookahead``, share one
         # pass over what they read (bank.window_size; SourceBank.window_input, _value_ahead), from
-        # ``lookahead_tokens`` tokens on; a window whose shared prefix has at least ``defer_from × K`` sources
+        # ``lookahead_tokens`` tokens on; a window whose shared prefix has at least ``defer_from`` sources
         # shares the backward's dα read too (SourceBank.window_backward). Tuning knobs of the same function
         # (lookahead 0 turns the sharing off)
-        self.lookahead, self.lookahead_tokens, self.defer_from = 8, 256, 4
+        self.lookahead, self.lookahead_tokens, self.defer_from = 8, 256, 16
         self._window_cache: tuple[int, tuple] = (-1, ())
         self._frozen: tuple[tuple, Tensor] | None = None  # the stacked queries, kept between forwards without grad
         self.reset_parameters()

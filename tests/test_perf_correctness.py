@@ -63,8 +63,9 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
 
 
 def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> dict[str, int]:
-    """Turn on the lookahead windows at any token count, and count how often they are used."""
-    model.dar.lookahead, model.dar.lookahead_tokens = size, 0
+    """Turn on the lookahead windows at any token count (and their deferred dα from a prefix of 8 sources, as
+    these models are shallow), and count how often they are used."""
+    model.dar.lookahead, model.dar.lookahead_tokens, model.dar.defer_from = size, 0, 8
     used = {"forward": 0, "direct": 0, "backward": 0, "deferred": 0}
     window_input, value_ahead = SourceBank.window_input, SourceBank._value_ahead
     deferred_grads = SourceBank._deferred_grads
@@ -91,7 +92,7 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
 
 @pytest.mark.parametrize("mode", ["delta", "delta_block", "attnres_full"])
 @pytest.mark.parametrize("parallel", [False, True])
-@pytest.mark.parametrize("size", [2, 3])
+@pytest.mark.parametrize("size", [2, 3, 8])  # 8: windows sized to their prefix, of 2 to 5 points here
 def test_lookahead_windows_give_the_same_gradients(
     mode: str, parallel: bool, size: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -113,8 +114,11 @@ def test_lookahead_windows_give_the_same_gradients(
     # Delta Block's points share their sources block by block already (one product per block)
     windowed = mode != "delta_block" and not (parallel and mode == "delta")
     assert (used["forward"] > 0) == windowed
-    # a window's backward defers its prefix's dα where that prefix has at least 4K sources
-    deferring = {w for w in model.dar._windows() if w is not None and w[2] >= model.dar.defer_from * size}
+    # a window's backward defers its prefix's dα where that prefix has at least ``defer_from`` sources
+    windows = {w for w in model.dar._windows() if w is not None}
+    deferring = {w for w in windows if w[2] >= model.dar.defer_from}
+    if size == 8 and windowed:
+        assert len({w[1] - w[0] for w in windows}) > 1  # windows of more than one size
     assert used["deferred"] == len(deferring) and (len(deferring) > 0) == windowed
 
 
