@@ -165,7 +165,8 @@ class SourceBank:
         # windows of up to ``lookahead`` sources whose value gradients come from one product (_value_ahead),
         # and (``windows``, set by the router) of routed points whose mixtures do (window_input); 0: none
         self.lookahead = lookahead
-        self.window_rows = window_size(max(capacity, queries.shape[0]), lookahead) or 1  # the largest window
+        # the largest window: window_size of at most this many sources or readers (a bound; it is not monotone)
+        self.window_rows = max(1, min(lookahead, math.isqrt(2 * max(capacity, queries.shape[0]))))
         self._ahead: tuple[int, int, set[int], Tensor] | None = None
         self._ahead_buffer: Tensor | None = None
         # per routed point its window (k0, k1, n0): points [k0, k1) whose first n0 sources go through one

@@ -103,11 +103,16 @@ def test_lookahead_windows() -> None:
     """Runs of K ≈ √(2n) routed points (at most ``size``) share one product over their common n sources, where
     that prefix has at least 2K sources; grouped points (Delta Block) and plans with a visible partial sum
     get none."""
-    from lit_dar.bank import window_size
+    from lit_dar.bank import SourceBank, window_size
     from lit_dar.routing import _lookahead_windows, _shared_source_groups
 
     assert [window_size(n, 8) for n in (3, 4, 6, 9, 13, 18, 32, 50, 100)] == [0, 2, 3, 4, 5, 6, 8, 8, 8]
     assert window_size(100, 1) == 0 and window_size(100, 4) == 4
+    # a bank's scratch buffers hold the largest window of any prefix it can have (window_size is not monotone:
+    # 4 sources take a window of 2, 5 none)
+    for capacity in range(1, 60):
+        bank = SourceBank(torch.zeros(2, 4), capacity, torch.zeros(3, 4), 1e-6, lookahead=8)
+        assert max(window_size(n, 8) for n in range(capacity + 1)) <= bank.window_rows
 
     def windows(mode, n_layer, parallel=False, size=2):
         plan = RoutingPlan.for_mode(mode, n_layer, 2, parallel)
