@@ -59,7 +59,7 @@ def window_size(n: int, limit: int) -> int:
     """How many routed points (or sources) share one product over a common prefix of ``n`` sources (or
     readers); 0: none. A window of ``K`` costs each of its points ``n/K`` of the prefix plus about ``K/2`` newer
     sources of its own, which is least at ``K ≈ √(2n)`` (at L 24, up to 8 instead of 4 took routing from
-    381 to 354 ms per step, 12 cost more again); below ``n = 2K`` the ``K`` rows written cost what is saved."""
+    384 to 355 ms per step, 12 cost more again; docs/performance.md); below ``n = 2K`` the ``K`` rows written cost what is saved."""
     k = min(limit, math.isqrt(2 * n))
     return k if k >= 2 and n >= 2 * k else 0
 
