@@ -148,9 +148,13 @@ def test_bank_products_script_times_the_banks_reads(capsys: pytest.CaptureFixtur
     torch.testing.assert_close(prods["mixture, 1 point, as (α·U).sum"], one.squeeze(1), rtol=1e-5, atol=1e-5)
     assert prods["dα, 3 points: bmm(G, Uᵀ)"].shape == (16, 3, 5)
     assert torch.equal(prods["copy of U (reads and writes it)"], U)
-    script.main(["--device", "cpu", "--tokens", "16", "--dim", "8", "--slots", "9", "--n", "2", "5", "--reps", "1"])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 2 |") or line.startswith("| 5 |")]
-    assert len(rows) == 2 * len(prods) and all(float(r.split("|")[-3]) > 0 for r in rows)  # ms
+    torch.testing.assert_close(prods["read of U (sum)"], U.sum())
+    for cold in ([], ["--cold", "1"]):  # cold: a 1 MB sweep before each call
+        script.main(["--device", "cpu", "--tokens", "16", "--dim", "8", "--slots", "9", "--n", "2", "5", "--reps", "1", *cold])
+        out = capsys.readouterr().out
+        rows = [line for line in out.splitlines() if line.startswith("| 2 |") or line.startswith("| 5 |")]
+        assert len(rows) == 2 * len(prods) and all(float(r.split("|")[-3]) > 0 for r in rows)  # ms
+        assert ("cold caches" in out) == bool(cold)
 
 
 @pytest.mark.slow
