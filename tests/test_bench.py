@@ -136,6 +136,16 @@ def test_routing_time_script_measures_each_setting() -> None:
         assert {"_BankRoute", "_BankRouteBackward", "_Emit", "_EmitBackward"} <= set(row["per_function_ms"])
 
 
+def test_routing_ops_script_splits_the_step_by_op() -> None:
+    """benchmarks/routing_ops.py on a tiny model: the bank's products are among the ops only the patched model
+    runs, and the per-op rows add up to routing's own total."""
+    report = _script("routing_ops").main(["--quick", "--layers", "4", "--mode", "delta", "--rounds", "1"])
+    assert report["op_ms"]["delta"] > report["op_ms"]["baseline"] > 0
+    assert "aten.bmm.default" in report["by_op"]  # the bank's products
+    assert not any("attention" in op for op in report["by_op"])  # the model's own ops, same shapes: shared
+    assert sum(row["ms"] for row in report["by_op"].values()) == pytest.approx(report["routing_ops_ms"])
+
+
 def test_bank_products_script_times_the_banks_reads(capsys: pytest.CaptureFixture) -> None:
     """benchmarks/bank_products.py: its products are the bank's reads (the ways of writing one agree), and it
     prints one row per product and source count."""
