@@ -4,8 +4,8 @@ aten op timed.
 ``routing_time.py`` says how long the routing takes; this says in which ops. Each op of a step runs under a
 ``TorchDispatchMode`` that times it (the wall time of the op itself, with its own threads), keyed by the
 op and the shapes (and strides, where not contiguous) of its tensor arguments. Ops that only the patched
-model runs are routing's; ops both run and the patched one runs longer (the stream's adds, autograd's
-sums) are listed apart. Per key, the fastest of ``--rounds`` interleaved steps.
+model runs are routing's; what the ops both run take longer in the patched one (more calls of the same
+shapes: autograd's sums of the stream's gradients) is summed apart. Per key, the fastest of ``--rounds`` interleaved steps.
 
     python benchmarks/routing_ops.py --layers 24 --mode delta --rounds 2
     python benchmarks/routing_ops.py --layers 24 --mode delta --threads 1   # what scales with threads
