@@ -256,7 +256,6 @@ def test_two_process_perplexity_equals_single_process(runs, strategy: str) -> No
 
 
 @two_processes
-@two_processes
 def test_compiled_fsdp2_run_matches_the_eager_one(runs) -> None:
     """``compile=True`` under FSDP2 (the GPT compiled in place after ``fully_shard``): the same training as
     eager, and the routing parameters still in sync across ranks."""
@@ -268,6 +267,7 @@ def test_compiled_fsdp2_run_matches_the_eager_one(runs) -> None:
     assert compiled["grads_in_sync"] and all(compiled["routing_in_sync"])
 
 
+@two_processes
 def test_fsdp2_run_logs_routing_to_tensorboard(runs) -> None:
     """Rank 0 wrote the routing scalars and heatmap (gates read from the sharded router)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
