@@ -10,16 +10,17 @@ from __future__ import annotations
 import math
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import torch
 from litgpt import Config
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
 
-from lit_dar.config import DARConfig
+from lit_dar.config import DAR_CONFIG_FILE, DARConfig
 from lit_dar.data import StdlibCorpus
 from lit_dar.training import StrategyName, UsageError
 
@@ -40,6 +41,9 @@ TINY_MODEL = Config(
     mlp_class_name="LLaMAMLP",
     intermediate_size=384,
 )
+
+
+FINETUNE_DAR = DARConfig(mode="delta_block", num_blocks=4, gate="scalar")
 
 
 @dataclass
@@ -67,7 +71,7 @@ class RoutingArgs:
 
 def pretrain(
     model_name: str | None = None,
-    model_config: Config | None = None,
+    model_config: Config = TINY_MODEL,
     out_dir: Path = Path("out/lit-dar/tiny"),
     precision: Literal["bf16-true", "bf16-mixed", "16-mixed", "32-true"] | None = None,
     initial_checkpoint_dir: Path | None = None,
@@ -94,8 +98,11 @@ def pretrain(
     """Pretrain a (Delta Attention Residuals) LitGPT model from scratch.
 
     Arguments:
-        model_name: A name from ``litgpt.config`` (e.g. ``Qwen3-0.6B``). Mutually exclusive with ``model_config``.
-        model_config: A ``litgpt.Config`` defining the architecture; overrides ``model_name``.
+        model_name: A name from ``litgpt.config`` (e.g. ``Qwen3-0.6B``); also the first positional argument,
+            as in ``litgpt pretrain``: ``lit-dar pretrain Qwen3-0.6B``.
+        model_config: The architecture, a ``litgpt.Config``; the default is the tiny offline model. Each field
+            given (``--model_config.n_layer 4``) changes that field only, on top of ``model_name``'s config
+            when one is named, else on top of this default.
         out_dir: Where checkpoints, logs, the final model and the routing heatmap go.
         precision: Lightning precision; default ``bf16-mixed`` on GPUs that support it, else ``32-true``.
         initial_checkpoint_dir: A LitGPT checkpoint dir to start from (continued pretraining).
@@ -110,7 +117,10 @@ def pretrain(
         tokenizer_dir: Tokenizer files; default: a BPE tokenizer trained on the offline corpus.
         logger_name: ``tensorboard`` or ``csv``.
         seed: Random seed (weights and data order).
-        dar: The Delta Attention Residuals config; ``null`` trains the unpatched baseline.
+        dar: The Delta Attention Residuals config; ``null`` trains the unpatched baseline. Its keys:
+            ``--dar.mode`` (delta, delta_block, attnres_full, attnres_block, ddl), ``--dar.num_blocks``,
+            ``--dar.gate`` (none, scalar), ``--dar.null_source``, ``--dar.eps``, and for ``ddl``
+            ``--dar.ddl_value``, ``--dar.ddl_value_init``, ``--dar.ddl_beta_init`` (see ``lit_dar.DARConfig``).
         routing: Routing LR, weight decay, monitoring.
         strategy: ``auto``, ``ddp``, ``fsdp`` (FSDP1, GPUs) or ``fsdp2`` (``ModelParallelStrategy``).
         activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
@@ -147,7 +157,7 @@ def finetune(
     num_nodes: int = 1,
     logger_name: Literal["tensorboard", "csv"] = "tensorboard",
     seed: int = 42,
-    dar: DARConfig | None = DARConfig(mode="delta_block", num_blocks=4, gate="scalar"),
+    dar: DARConfig | None = FINETUNE_DAR,
     routing: RoutingArgs = RoutingArgs(lr=5e-3),
     strategy: StrategyName = "auto",
     activation_checkpointing: bool = False,
@@ -157,7 +167,8 @@ def finetune(
     """Fully fine-tune an existing LitGPT checkpoint converted to DAR with a zero gate (identity at init).
 
     Arguments:
-        checkpoint_dir: A LitGPT checkpoint dir (``lit_model.pth``, ``model_config.yaml``, tokenizer files).
+        checkpoint_dir: A LitGPT or lit-dar checkpoint dir (``lit_model.pth``, ``model_config.yaml``, tokenizer
+            files); also the first positional argument, as in ``litgpt finetune``.
         out_dir: Where checkpoints, logs and the final model go.
         precision: Lightning precision (the Qwen3 recipes use ``bf16-true``).
         resume: ``auto``, ``true`` or a checkpoint path (see ``pretrain``).
@@ -170,6 +181,9 @@ def finetune(
         logger_name: ``tensorboard`` or ``csv``.
         seed: Random seed.
         dar: The routing to add; use ``gate: scalar`` so training starts from the pretrained model exactly.
+            A lit-dar checkpoint brings its own ``dar_config.yaml``, used when this is left at its default. Its
+            keys: ``--dar.mode``, ``--dar.num_blocks``, ``--dar.gate``, ``--dar.null_source``, ``--dar.eps`` (see
+            ``lit_dar.DARConfig``).
         routing: Routing LR (the paper: 5e-3), weight decay, ``freeze_base``, monitoring.
         strategy: ``auto``, ``ddp``, ``fsdp`` or ``fsdp2``.
         activation_checkpointing: Checkpoint each ``Block`` (with ``fsdp``).
@@ -180,7 +194,9 @@ def finetune(
     from lit_dar.run import RunSpec, fit
 
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
+    _tokenizer(checkpoint_dir)
     config = Config.from_file(checkpoint_dir / "model_config.yaml")
+    dar = _finetune_dar(checkpoint_dir, dar)
     spec = RunSpec(
         config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=checkpoint_dir,
         resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
@@ -192,14 +208,35 @@ def finetune(
 
 
 def _model_config(model_name: str | None, model_config: Config | None) -> Config:
-    if model_config is not None:
-        return model_config
+    """The architecture: ``model_config`` alone, or ``model_name``'s config with the fields ``model_config``
+    changes against the embedded default."""
+    if model_config is None:
+        model_config = TINY_MODEL
     if model_name is None:
-        return TINY_MODEL
+        return model_config
+    changed = {f.name: getattr(model_config, f.name) for f in fields(Config)
+               if f.init and getattr(model_config, f.name) != getattr(TINY_MODEL, f.name)}
+    name = changed.pop("name", None)
     try:
-        return Config.from_name(model_name)
+        config = Config.from_name(model_name, **changed)
     except ValueError:
         raise UsageError(f"model_name={model_name!r} is not a LitGPT model: see `litgpt download list`.") from None
+    return config if name is None else replace(config, name=name)
+
+
+def _finetune_dar(checkpoint_dir: Path, dar: DARConfig | None) -> DARConfig | None:
+    """The routing of a fine-tune: a lit-dar checkpoint's own config unless another is asked for (then refused:
+    its routing weights belong to the saved one)."""
+    if not (checkpoint_dir / DAR_CONFIG_FILE).is_file():
+        return dar
+    saved = DARConfig.from_file(checkpoint_dir)
+    if dar == FINETUNE_DAR or dar == saved:
+        return saved
+    flags = " ".join(f"--dar.{k} {v}" for k, v in saved.to_dict().items())
+    raise UsageError(
+        f"checkpoint_dir {str(checkpoint_dir)!r} is a lit-dar checkpoint whose routing weights belong to its "
+        f"dar_config.yaml ({flags}): leave --dar unset to fine-tune with it."
+    )
 
 
 def _checkpoint_dir(checkpoint_dir: Path) -> Path:
@@ -387,6 +424,13 @@ def _tokenizer(checkpoint_dir: Path) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def bench() -> None:
+    """Measure each routing mode's speed and memory against the unpatched model (``lit-dar bench --help``)."""
+    from lit_dar.bench import main as bench_main
+
+    bench_main([])
+
+
 def commands() -> dict[str, Any]:
     from lit_dar.convert import convert_hf, convert_to_dar
     from lit_dar.study import study
@@ -399,7 +443,13 @@ def commands() -> dict[str, Any]:
         "evaluate": evaluate,
         "routing": routing,
         "study": study,
+        "bench": bench,
     }
+
+
+# The first argument of these commands may be given positionally, as LitGPT's own commands take it.
+POSITIONAL = {"pretrain": "model_name", "finetune": "checkpoint_dir", "generate": "checkpoint_dir",
+              "evaluate": "checkpoint_dir", "routing": "checkpoint_dir"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -418,21 +468,62 @@ def run(argv: list[str] | None = None) -> Any:
     from jsonargparse import ArgumentError, CLI, set_docstring_parse_options
 
     set_docstring_parse_options(attribute_docstrings=True)
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark keeps its own argparse interface (`lit-dar bench --help`)
         from lit_dar.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] and argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
+        argv[1:2] = [f"--{POSITIONAL[argv[0]]}", argv[1]]
     try:
+        _check_config_files(argv)
         return CLI(commands(), args=argv, as_positional=False, exit_on_error=False)
     except (ArgumentError, UsageError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         if os.environ.get("LIT_DAR_DEBUG"):
             raise
         message = " ".join(str(err).split())  # one line, whatever the source formatted
-        own = re.search(r"(DARConfig\.\S+=.*?)(?: Given value type:|$)", message)
-        if own:  # jsonargparse wraps our own validation message in its Union report: show just ours
-            message = own.group(1)
         if isinstance(err, ArgumentError) and argv:
-            message += f" (see `lit-dar {argv[0]} --help` for the accepted keys and values)"
+            message = _explain(message, argv[0])
         print(f"lit-dar: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _check_config_files(argv: list[str]) -> None:
+    for flag, path in zip(argv, argv[1:]):
+        if flag == "--config" and Path(path).is_file() and not Path(path).read_text().strip():
+            raise UsageError(f"The config file {path!r} is empty: write a recipe there (see recipes/), or drop --config.")
+
+
+def _explain(message: str, command: str) -> str:
+    """jsonargparse's report, shortened to what was wrong and what is allowed."""
+    own = re.search(r"(DARConfig\.\S+=.*?)(?: Given value type:|$)", message)
+    if own:  # jsonargparse wraps our own validation message in its Union report: show just ours
+        return own.group(1)
+    key = re.search(r'Parser key "([^"]+)"', message)
+    hint = f" (see `lit-dar {command} --help` for the accepted keys and values)"
+    if key is None or command not in commands() or not callable(commands()[command]):
+        return message + hint
+    key = key.group(1)
+    annotation = _annotation(commands()[command], key)
+    unknown = re.search(r"Unrecognized arguments: --?([\w.]+)", message)
+    dataclass = next((t for t in _union(annotation) if hasattr(t, "__dataclass_fields__")), None)
+    if unknown and dataclass is not None:
+        allowed = [f.name for f in fields(dataclass) if f.init]
+        return f"Unknown key '{key}.{unknown.group(1)}': the keys of {key} are {allowed}."
+    choices = [c for t in _union(annotation) if get_origin(t) is Literal for c in get_args(t)]
+    given = re.search(r"Given value: (.*?)$", message)
+    if choices and given:
+        null = " or null" if type(None) in _union(annotation) else ""
+        return f"{key}={given.group(1).strip()!r} is not allowed: choose one of {choices}{null}."
+    return message + hint
+
+
+def _annotation(function: Any, key: str) -> Any:
+    try:
+        return get_type_hints(function).get(key.split(".")[0])
+    except Exception:  # an annotation that cannot be resolved only costs the shorter message
+        return None
+
+
+def _union(annotation: Any) -> tuple[Any, ...]:
+    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)

@@ -32,7 +32,9 @@ from typing_extensions import override
 
 from lit_dar.config import DARConfig
 from lit_dar.metrics import TokenNLL
-from lit_dar.patch import CHECKPOINT_FILE, build_model, get_dar_config, load_checkpoint
+from lit_dar.patch import (
+    CHECKPOINT_FILE, build_model, check_state_dict, get_dar_config, load_checkpoint, read_checkpoint,
+)
 
 IGNORE_INDEX = -100
 
@@ -128,15 +130,18 @@ class LitGPTModule(LightningModule):
     def on_fit_start(self) -> None:
         self._load_initial_checkpoint()
 
+    @override
+    def on_validation_start(self) -> None:
+        self._load_initial_checkpoint()  # a validation before fitting (``eval.initial_validation``) sees those weights
+
     def _load_initial_checkpoint(self) -> None:
         if self.hparams.initial_checkpoint_dir is None or self._initial_loaded:
             return
         path = Path(self.hparams.initial_checkpoint_dir)
-        path = path / CHECKPOINT_FILE if path.is_dir() else path
-        state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        state = read_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
         state = state.get("model", state)
         if any(_is_dtensor(p) for p in self.model.parameters()):
-            _check_keys(self.model, state)
+            check_state_dict(self.model, state)
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
             set_model_state_dict(self.model, state, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -280,17 +285,6 @@ def _is_dtensor(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 
 
-def _check_keys(model: nn.Module, state: dict[str, Any]) -> None:
-    """The key rules of ``lit_dar.load_checkpoint`` for a sharded model (only routing keys may be missing)."""
-    from lit_dar.patch import dar_filter
-
-    expected = set(model.state_dict())
-    missing = [k for k in expected - set(state) if not dar_filter(k)]
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"Checkpoint does not match the model: missing {sorted(missing)[:5]}, unexpected {unexpected[:5]}.")
-
-
 # --------------------------------------------------------------------------------------------------
 # Lightning checkpoints → a model
 # --------------------------------------------------------------------------------------------------
@@ -302,7 +296,7 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
     ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` (no process group needed)."""
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return read_checkpoint(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{str(path)!r} is neither a checkpoint file nor a distributed checkpoint directory.")
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save

@@ -10,6 +10,7 @@ and LitGPT's utilities keep working; every block is still called as a module, so
 
 from __future__ import annotations
 
+import pickle
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -335,6 +336,58 @@ def routing_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {k: v for k, v in model.state_dict().items() if dar_filter(k)}
 
 
+def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """``torch.load`` a weights file (memory-mapped, tensors only) on the CPU.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: the file is not a readable PyTorch checkpoint (truncated or corrupt).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
+    try:
+        return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = " ".join(str(err).split())[:120]
+        raise ValueError(
+            f"{str(path)!r} is not a readable PyTorch checkpoint, truncated or corrupt ({reason}): write it again, "
+            "e.g. re-run the conversion or training that made it."
+        ) from None
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> list[str]:
+    """Check a LitGPT or lit-dar state dict against a (patched) model, meta device included, without loading it.
+
+    Returns:
+        The routing keys the state dict lacks (a plain LitGPT checkpoint lacks exactly those).
+
+    Raises:
+        ValueError: shapes that differ, a missing or unexpected base-model key, part of the routing only.
+    """
+    own = model.state_dict()
+    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
+             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
+    if wrong:
+        raise ValueError(
+            f"Checkpoint shapes do not match the model (checkpoint vs model): {wrong[:3]}{'…' if len(wrong) > 3 else ''}. "
+            "Is it a checkpoint of another architecture? Use the model_config.yaml that was saved with it."
+        )
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    other_missing = [k for k in missing if not dar_filter(k)]
+    if other_missing or unexpected:
+        raise ValueError(
+            f"Checkpoint does not match the model: missing {other_missing[:5]}{'…' if len(other_missing) > 5 else ''},"
+            f" unexpected {unexpected[:5]}. Is it a checkpoint of another architecture or DAR mode?"
+        )
+    # the config entry (`dar._extra_state`) is naturally absent from a plain checkpoint: report weights only
+    routing_missing = [k for k in missing if not k.endswith("._extra_state")]
+    if routing_missing and any(dar_filter(k) for k in state_dict):
+        raise ValueError(f"Checkpoint has only part of the routing weights; missing {routing_missing}.")
+    return routing_missing
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -> list[str]:
     """Load a LitGPT or lit-dar state dict into a patched model; return the routing keys left at init.
 
@@ -344,32 +397,10 @@ def load_checkpoint(model: nn.Module, checkpoint: str | Path | dict[str, Any]) -
     """
     if isinstance(checkpoint, (str, Path)):
         path = Path(checkpoint)
-        if path.is_dir():
-            path = path / CHECKPOINT_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
-        checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+        checkpoint = read_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
     state_dict = checkpoint.get("model", checkpoint)
-    has_routing = any(dar_filter(k) for k in state_dict)
-    own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state_dict.items()
-             if k in own and torch.is_tensor(v) and v.shape != own[k].shape]
-    if wrong:
-        raise ValueError(
-            f"Checkpoint shapes do not match the model (checkpoint vs model): {wrong[:3]}{'…' if len(wrong) > 3 else ''}. "
-            "Is it a checkpoint of another architecture? Use the model_config.yaml that was saved with it."
-        )
-    result = model.load_state_dict(state_dict, strict=False)
-    other_missing = [k for k in result.missing_keys if not dar_filter(k)]
-    if other_missing or result.unexpected_keys:
-        raise ValueError(
-            f"Checkpoint does not match the model: missing {other_missing[:5]}{'…' if len(other_missing) > 5 else ''},"
-            f" unexpected {result.unexpected_keys[:5]}. Is it a checkpoint of another architecture or DAR mode?"
-        )
-    # the config entry (`dar._extra_state`) is naturally absent from a plain checkpoint: report weights only
-    routing_missing = [k for k in result.missing_keys if dar_filter(k) and not k.endswith("._extra_state")]
-    if routing_missing and has_routing:
-        raise ValueError(f"Checkpoint has only part of the routing weights; missing {routing_missing}.")
+    routing_missing = check_state_dict(model, state_dict)
+    model.load_state_dict(state_dict, strict=False)
     if routing_missing:
         warnings.warn(
             f"Loaded a checkpoint without routing weights: {len(routing_missing)} routing keys keep their "

@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ from litgpt.data import DataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_dar.config import DARConfig
+from lit_dar.patch import CHECKPOINT_FILE, build_model, check_state_dict, read_checkpoint
+from lit_dar.preflight import (
+    check_eval_args, check_resume_checkpoint, check_train_args, optimizer_args, prepare_data,
+)
 from lit_dar.training import (
     EvenShards,
     UsageError,
@@ -31,6 +36,7 @@ from lit_dar.training import (
     find_resume_checkpoint,
     resolve_devices,
     resumable_loader,
+    start_out_dir,
 )
 
 
@@ -95,22 +101,6 @@ class ResumableData(L.LightningDataModule):
                           num_workers=loader.num_workers)
 
 
-def _optimizer_args(optimizer: str | dict) -> dict[str, Any]:
-    defaults = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
-    if isinstance(optimizer, str):
-        if optimizer != "AdamW":
-            raise UsageError(f"optimizer={optimizer!r}: lit-dar trains with AdamW (set its init_args in the recipe).")
-        return defaults
-    class_path = optimizer.get("class_path", "torch.optim.AdamW")
-    if class_path not in ("AdamW", "torch.optim.AdamW"):
-        raise UsageError(f"optimizer class_path={class_path!r}: lit-dar trains with torch.optim.AdamW.")
-    args = dict(optimizer.get("init_args", {}))
-    unknown = set(args) - set(defaults)
-    if unknown:
-        raise UsageError(f"optimizer init_args {sorted(unknown)} are not supported: use {sorted(defaults)}.")
-    return {**defaults, **{k: tuple(v) if k == "betas" else v for k, v in args.items()}}
-
-
 def _is_rank_zero_launch() -> bool:
     """False in the processes Lightning's launcher starts for ranks > 0 (they re-run the command)."""
     return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
@@ -139,8 +129,12 @@ def _tokenizer_dir(spec: RunSpec) -> Path | None:
 
 
 def fit(spec: RunSpec) -> dict[str, Any]:
-    """Train, validate, save ``out_dir/final`` (a lit-dar checkpoint dir) and the routing heatmap; print where."""
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    """Train, validate, save ``out_dir/final`` (a lit-dar checkpoint dir) and the routing heatmap; print where.
+
+    Everything the request names (arguments, model and routing, checkpoints, tokenizer, data) is checked before
+    the first file is written in ``out_dir``; only then does ``--overwrite true`` clear an earlier run.
+    """
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from lit_dar.callback import DeltaAttnResCallback
@@ -151,11 +145,25 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     devices = resolve_devices(spec.devices, spec.num_nodes)
     world = devices * spec.num_nodes
     strategy = build_strategy(spec.strategy, devices, spec.num_nodes, spec.activation_checkpointing)
-    resume_path = find_resume_checkpoint(spec.out_dir, spec.resume)
+    check_train_args(train, world)
+    check_eval_args(ev)
+    opt = optimizer_args(spec.optimizer)
     if spec.routing.freeze_base and spec.dar is None:
         raise UsageError("routing.freeze_base needs routing: set a dar: config (it is null, the plain baseline).")
-    if _is_rank_zero_launch():
+    state = None
+    if spec.initial_checkpoint_dir is not None:  # memory-mapped: checked, not loaded
+        path = Path(spec.initial_checkpoint_dir)
+        state = read_checkpoint(path / CHECKPOINT_FILE if path.is_dir() else path)
+    model = build_model(spec.config, spec.dar, device="meta")  # the block count and routing, checked on no memory
+    if state is not None:
+        check_state_dict(model, state.get("model", state))
+        del state
+    rank_zero = _is_rank_zero_launch()
+    resume_path = find_resume_checkpoint(spec.out_dir, spec.resume)
+    if rank_zero:
         check_out_dir(spec.out_dir, resume=spec.resume not in (False, None), overwrite=spec.overwrite)
+    if resume_path is not None:
+        check_resume_checkpoint(resume_path, spec.config, spec.dar)
 
     # as LitGPT does: never train on windows longer than the model's context
     max_seq_length = min(train.max_seq_length or spec.config.block_size, spec.config.block_size)
@@ -168,14 +176,15 @@ def fit(spec: RunSpec) -> dict[str, Any]:
                          f"{spec.config.padded_vocab_size}: set model_config.vocab_size/padded_vocab_size to match.")
     accumulate = train.gradient_accumulation_iters(world, 1)
     spec.data.connect(tokenizer=tokenizer, batch_size=train.micro_batch_size, max_seq_length=max_seq_length)
+    if rank_zero:
+        prepare_data(spec.data)
     if train.max_steps is not None:
         max_steps = train.max_steps
-    elif train.max_tokens is not None:
-        max_steps = max(1, train.max_tokens // (train.global_batch_size * max_seq_length))
     else:
-        raise UsageError("Set train.max_steps or train.max_tokens: lit-dar pretraining streams endlessly.")
+        max_steps = max(1, train.max_tokens // (train.global_batch_size * max_seq_length))
+    if rank_zero:  # everything is checked: from here on the run writes
+        start_out_dir(spec.out_dir, clear=spec.overwrite and resume_path is None)
 
-    opt = _optimizer_args(spec.optimizer)
     L.seed_everything(spec.seed, verbose=False)
     module = LitGPTModule(
         spec.config, learning_rate=opt["lr"], weight_decay=opt["weight_decay"], betas=opt["betas"],
@@ -184,11 +193,14 @@ def fit(spec: RunSpec) -> dict[str, Any]:
         max_seq_length=max_seq_length, init_weights=spec.init_weights, compile=spec.compile,
     )
     callbacks: list[Any] = [
+        # one run per out_dir: `last.ckpt` is always this run's newest checkpoint, never `last-v1.ckpt`
         ModelCheckpoint(dirpath=spec.out_dir / "checkpoints", every_n_train_steps=train.save_interval or max_steps,
-                        save_last=True, save_top_k=0),
+                        save_last=True, save_top_k=0, enable_version_counter=False),
         LearningRateMonitor(logging_interval="step"),
         throughput_monitor(window_size=max(2, min(50, train.log_interval * 2))),
     ]
+    if spec.enable_progress_bar:  # no epoch total: a run is bounded by steps, and Rich's bar would show "0/-2"
+        callbacks.append(TQDMProgressBar())
     if spec.dar is not None:
         r = spec.routing
         callbacks.append(DeltaAttnResCallback(
@@ -201,13 +213,16 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     precision = spec.precision or ("bf16-mixed" if accelerator == "gpu" and torch.cuda.is_bf16_supported() else "32-true")
     trainer = L.Trainer(
         accelerator=accelerator, devices=devices, num_nodes=spec.num_nodes, strategy=strategy, precision=precision,
-        max_steps=max_steps, accumulate_grad_batches=accumulate, gradient_clip_val=train.max_norm,
+        max_steps=max_steps, max_time=None if train.max_time is None else timedelta(seconds=train.max_time),
+        accumulate_grad_batches=accumulate, gradient_clip_val=train.max_norm,
         val_check_interval=ev.interval * accumulate, check_val_every_n_epoch=None, limit_val_batches=ev.max_iters,
         num_sanity_val_steps=0, logger=logger, callbacks=callbacks, log_every_n_steps=train.log_interval,
         use_distributed_sampler=False, default_root_dir=str(spec.out_dir), enable_model_summary=False,
         enable_progress_bar=spec.enable_progress_bar,
     )
     data = ResumableData(spec.data, spec.seed, accumulate)
+    if ev.initial_validation and resume_path is None:
+        trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data, ckpt_path=None if resume_path is None else str(resume_path))
     if ev.final_validation:
         trainer.validate(module, datamodule=data, verbose=False)
@@ -226,13 +241,13 @@ def fit(spec: RunSpec) -> dict[str, Any]:
                 shutil.copy2(tokenizer_dir / name, final / name)
         result["final"] = final
         if spec.dar is not None:
-            result["routing_png"] = _routing_png(final, spec)
+            result["routing_png"] = _routing_png(final, spec, trainer.global_step)
         result["seconds"] = time.perf_counter() - started
         _print_summary(result, spec)
     return result
 
 
-def _routing_png(final: Path, spec: RunSpec) -> Path:
+def _routing_png(final: Path, spec: RunSpec, steps: int) -> Path:
     from lit_dar.cli import routing_report
     from lit_dar.patch import load_model
 
@@ -240,7 +255,7 @@ def _routing_png(final: Path, spec: RunSpec) -> Path:
     batch = next(iter(spec.data.val_dataloader()))
     idx = (batch["input_ids"] if isinstance(batch, dict) else batch)[:1, :-1]
     png = spec.out_dir / "routing.png"
-    routing_report(model, idx, png, title=f"{spec.dar.mode} routing after {spec.train.max_steps} steps")
+    routing_report(model, idx, png, title=f"{spec.dar.mode} routing after {steps} steps")
     return png
 
 

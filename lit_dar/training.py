@@ -12,6 +12,7 @@ transaction), logging and distributed launch. What a LitGPT-style recipe additio
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -149,22 +150,42 @@ def resumable_loader(
 # --------------------------------------------------------------------------------------------------
 
 
+RUN_OUTPUTS = ("checkpoints", "logs", "final", "routing.png")
+"""What a run writes in its ``out_dir``: what ``--overwrite true`` clears, and nothing else."""
+
+
 def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into an existing run unless resuming or told to overwrite; check it is writable."""
+    """Refuse to write into an existing run unless resuming or told to overwrite; check it can be written.
+
+    Writes nothing: :func:`start_out_dir` creates (or clears) the directory once the whole run is checked.
+    """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"out_dir {str(out_dir)!r} is a file: choose a directory with --out_dir.")
     existing = out_dir.is_dir() and any(out_dir.iterdir())
     if existing and not (resume or overwrite):
         raise UsageError(
             f"out_dir {str(out_dir)!r} already holds a run: pass --resume auto to continue it, --overwrite true to "
             "write over it, or choose another --out_dir."
         )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UsageError(f"out_dir {str(out_dir)!r} is not writable ({err.strerror}): choose another --out_dir.") from None
+    parent = out_dir
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        why = "a file is in the way" if not parent.is_dir() else "permission denied"
+        raise UsageError(f"out_dir {str(out_dir)!r} is not writable ({why} at {str(parent)!r}): choose another --out_dir.")
+
+
+def start_out_dir(out_dir: Path, clear: bool) -> None:
+    """Create ``out_dir``; with ``clear``, first remove an earlier run's outputs (:data:`RUN_OUTPUTS`) from it."""
+    out_dir = Path(out_dir)
+    for name in RUN_OUTPUTS if clear else ():
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def find_resume_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | None:
