@@ -505,7 +505,8 @@ def _explain(message: str, command: str) -> str:
         return message + hint
     key = key.group(1)
     annotation = _annotation(commands()[command], key)
-    unknown = re.search(r"Unrecognized arguments: --?([\w.]+)", message)
+    unknown = re.search(r"Unrecognized arguments: --?([\w.]+)", message) or re.search(
+        r"Key '([\w.]+)' is not expected", message)
     dataclass = next((t for t in _union(annotation) if hasattr(t, "__dataclass_fields__")), None)
     if unknown and dataclass is not None:
         allowed = [f.name for f in fields(dataclass) if f.init]

@@ -83,7 +83,10 @@ def load_corpus(max_bytes: int | None = DEFAULT_MAX_BYTES, root: Path | None = N
     root = stdlib_dir() if root is None else Path(root)
     docs: list[Document] = []
     total = 0
-    for name in list_stdlib_files(root):
+    names = list_stdlib_files(root)
+    if not names:
+        raise ValueError(f"No corpus files (*.py) under {str(root)!r}: point data.root at a directory of Python sources.")
+    for name in names:
         try:
             text = (root / name).read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):

@@ -348,7 +348,7 @@ def read_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
         raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
     try:
         return torch.load(path, mmap=mmap, weights_only=True, map_location="cpu")
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
         reason = " ".join(str(err).split())[:120]
         raise ValueError(
             f"{str(path)!r} is not a readable PyTorch checkpoint, truncated or corrupt ({reason}): write it again, "

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -152,6 +154,111 @@ def test_finetune_refuses_checkpoints_it_cannot_use(capsys, tmp_path: Path) -> N
     assert not other.exists() or not any(other.iterdir())
 
 
+def test_model_config_fields_override_the_embedded_default(capsys) -> None:
+    parser = _parser(cli.pretrain)
+    init = parser.instantiate_classes(parser.parse_args(["--model_config.n_layer", "4"]))
+    assert cli._model_config(init.model_name, init.model_config) == replace(cli.TINY_MODEL, n_layer=4)
+    init = parser.instantiate_classes(parser.parse_args(["--model_name", "pythia-14m", "--model_config.n_layer", "2"]))
+    assert cli._model_config(init.model_name, init.model_config) == Config.from_name("pythia-14m", n_layer=2)
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--print_config"])
+    shown = capsys.readouterr().out
+    assert "n_embd: 128" in shown and "n_layer: 6" in shown and "model_config: null" not in shown
+
+
+def test_first_argument_may_be_positional(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "pythia-14m", "--print_config"])
+    assert "model_name: pythia-14m" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "some/checkpoint", "--print_config"])
+    assert "checkpoint_dir: some/checkpoint" in capsys.readouterr().out
+
+
+def test_help_lists_bench_and_the_dar_keys(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert "bench" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["pretrain", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"--dar.{f.name}" in shown for f in fields(lit_dar.DARConfig))
+
+
+def test_impossible_arguments_are_one_line_and_write_nothing(capsys, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cases = {
+        ("--train.max_steps", "-5"): "train.max_steps=-5",
+        ("--train.micro_batch_size", "0"): "train.micro_batch_size=0",
+        ("--train.global_batch_size", "10", "--train.micro_batch_size", "16"): "multiple of 16",
+        ("--eval.interval", "0"): "eval.interval=0",
+        ("--train.max_seq_length", "0"): "train.max_seq_length=0",
+        ("--train.epochs", "2"): "train.epochs=2 is not supported",
+        ("--eval.max_new_tokens", "5"): "lit-dar generate",
+        ("--optimizer.lr", "-0.1"): "optimizer.lr=-0.1 must be a positive number",
+        ("--dar.num_blocks", "99"): "num_blocks",
+        ("--precision", "fp8"): "choose one of ['bf16-true', 'bf16-mixed', '16-mixed', '32-true'] or null",
+        ("--dar.foo", "1"): "Unknown key 'dar.foo': the keys of dar are ['mode', 'num_blocks'",
+    }
+    for args, expected in cases.items():
+        line = _error_line(capsys, ["pretrain", "--out_dir", str(out), "--data.cache_dir", str(tmp_path / "c"), *args])
+        assert expected in line, (args, line)
+        assert "min_lr" not in line
+        assert not out.exists(), args
+    (tmp_path / "dar.yaml").write_text("dar:\n  mode: delta\n  blocks: 2\n")
+    assert "Unknown key 'dar.blocks'" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "dar.yaml")])
+    (tmp_path / "empty.yaml").write_text("\n")
+    assert "is empty" in _error_line(capsys, ["pretrain", "--config", str(tmp_path / "empty.yaml")])
+    (tmp_path / "a-file").write_text("")
+    assert "is a file" in _error_line(capsys, ["pretrain", "--out_dir", str(tmp_path / "a-file")])
+    empty = tmp_path / "empty-root"
+    empty.mkdir()
+    line = _error_line(capsys, ["pretrain", "--data.root", str(empty), "--data.cache_dir", str(tmp_path / "c"),
+                                "--out_dir", str(out)])
+    assert "No corpus files" in line and "data.root" in line and "max_bytes" not in line
+
+
+def test_data_that_needs_an_extra_or_a_download_is_one_line(capsys, tmp_path: Path) -> None:
+    import importlib.util
+
+    out = tmp_path / "out"
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("hello world\n" * 100)
+    base = ["pretrain", "--out_dir", str(out), "--tokenizer_dir", str(_tokenizer_dir(tmp_path))]
+    text_files = _error_line(capsys, [*base, "--data", "TextFiles", "--data.train_data_path", str(tmp_path / "texts")])
+    stories = _error_line(capsys, [*base, "--data", "TinyStories", "--data.data_path", str(tmp_path / "ts")])
+    if importlib.util.find_spec("litdata") is None:
+        assert "pip install 'lit-dar[data]'" in text_files and "pip install 'lit-dar[data]'" in stories
+    else:  # with the extra installed, the download fails offline
+        assert "could not be prepared here" in stories and "network access" in stories
+    assert not out.exists()
+
+
+def _tokenizer_dir(tmp_path: Path) -> Path:
+    from lit_dar.data import ensure_tokenizer
+
+    path = tmp_path / "tok"
+    ensure_tokenizer(path, vocab_size=512, max_bytes=200_000)
+    return path
+
+
+def test_corrupt_checkpoints_are_one_line(capsys, tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from lit_dar.patch import save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(lit_dar.build_model(tiny_config("Qwen3-0.6B", n_layer=2), lit_dar.DARConfig(num_blocks=2)), ckpt)
+    (ckpt / "tokenizer.json").write_text((_tokenizer_dir(tmp_path) / "tokenizer.json").read_text())
+    data = (ckpt / "lit_model.pth").read_bytes()
+    (ckpt / "lit_model.pth").write_bytes(data[: len(data) // 2])
+    for argv in (["generate", str(ckpt)], ["routing", str(ckpt)],
+                 ["finetune", str(ckpt), "--out_dir", str(tmp_path / "ft")]):
+        line = _error_line(capsys, argv)
+        assert "not a readable PyTorch checkpoint" in line and "lit_model.pth" in line, (argv, line)
+    assert not (tmp_path / "ft").exists()
+
+
 # --------------------------------------------------------------------------------------------------
 # Runs
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +293,66 @@ def test_tiny_pretrain_writes_checkpoint_logs_heatmap(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=300)
     assert routing.returncode == 0 and routing.stderr.count("\n") < 20, routing.stderr[-2000:]
     assert "sublayer" in routing.stdout and (tmp_path / "r.png").is_file()
+
+
+def _events(run: Path) -> list[Path]:
+    return sorted((run / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_overwrite_starts_afresh_and_resume_finds_this_runs_checkpoint(capfd, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = cli.run(_tiny_args(tmp_path, "run", steps=4, every=2, extra=["--optimizer.lr", "0.01"]))
+    hparams = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["hyper_parameters"]
+    assert first["steps"] == 4 and hparams["learning_rate"] == 0.01  # the command line's lr, not the default
+    assert "/-2" not in capfd.readouterr().err  # no epoch total on the progress bar
+    old_events = _events(run)
+
+    # refused requests leave the run as it was, and say why in one line
+    for args, expected in (
+        (["--resume", "auto", "--model_config.n_layer", "3", "--dar.num_blocks", "3"], "another architecture"),
+        (["--resume", "auto", "--dar.mode", "delta"], "was trained with dar"),
+        (["--overwrite", "true", "--dar.num_blocks", "99"], "num_blocks"),
+    ):
+        line = _error_line(capfd, _tiny_args(tmp_path, "run", steps=6, every=2, extra=args))
+        assert expected in line, line
+        assert _events(run) == old_events and not (run / "checkpoints" / "last-v1.ckpt").exists()
+
+    second = cli.run(_tiny_args(tmp_path, "run", steps=2, every=2, extra=["--overwrite", "true"]))
+    assert second["steps"] == 2
+    new_events = _events(run)
+    assert new_events and not set(new_events) & set(old_events)  # the old run's logs are gone
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["final.ckpt", "last.ckpt"]
+    resumed = cli.run(_tiny_args(tmp_path, "run", steps=3, every=1, extra=["--resume", "auto"]))
+    assert resumed["steps"] == 3  # continued the overwriting run (step 2), not the old one (step 4)
+
+    events = _events(run)
+    last = run / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    line = _error_line(capfd, _tiny_args(tmp_path, "run", steps=4, every=1, extra=["--resume", "auto"]))
+    assert "not a readable PyTorch checkpoint" in line and _events(run) == events
+
+
+@pytest.mark.slow
+def test_max_time_initial_validation_and_the_natural_finetune(capsys, tmp_path: Path) -> None:
+    timed = cli.run(_tiny_args(tmp_path, "timed", steps=100_000, every=100_000,
+                               extra=["--train.max_time", "3", "--logger_name", "csv", "--eval.initial_validation", "true",
+                                      "--eval.final_validation", "false"]))
+    assert 0 < timed["steps"] < 100_000
+    rows = list(csv.DictReader((tmp_path / "timed" / "logs" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r.get("val_loss")][:1] == [0]  # validated before the first step
+
+    # a lit-dar checkpoint brings its own dar config; its directory may be given positionally
+    final = timed["final"]
+    tuned = cli.run(["finetune", str(final), "--out_dir", str(tmp_path / "ft"), "--data.cache_dir", str(tmp_path / "cache"),
+                     "--data.max_bytes", "300000", "--train.max_steps", "2", "--train.global_batch_size", "4",
+                     "--train.micro_batch_size", "4", "--train.max_seq_length", "32", "--eval.max_iters", "1",
+                     "--routing.image_interval", "0"])
+    assert tuned["steps"] == 2
+    assert lit_dar.DARConfig.from_file(tuned["final"]) == lit_dar.DARConfig.from_file(final)
+    line = _error_line(capsys, ["finetune", str(final), "--out_dir", str(tmp_path / "ft2"), "--dar.mode", "delta"])
+    assert "--dar.mode delta_block --dar.num_blocks 2 --dar.gate none" in line and "leave --dar unset" in line
+    assert not (tmp_path / "ft2").exists()
 
 
 def _losses(run: Path) -> dict[int, float]:
