@@ -87,8 +87,10 @@ def hf_config(config: Any, dar: DARConfig, bos_id: int | None = None, eos_id: in
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(config.rope_base)}
     if config.rope_adjustments is not None:
         adj = config.rope_adjustments
-        rope.update(rope_type="llama3", factor=adj["factor"], low_freq_factor=adj["low_freq_factor"],
-                    high_freq_factor=adj["high_freq_factor"], original_max_position_embeddings=adj["original_max_seq_len"])
+        rope.update(
+            rope_type="llama3", factor=adj["factor"], low_freq_factor=adj["low_freq_factor"],
+            high_freq_factor=adj["high_freq_factor"], original_max_position_embeddings=adj["original_max_seq_len"],
+        )
     fields: dict[str, Any] = dict(
         vocab_size=config.padded_vocab_size, hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.n_layer, num_attention_heads=config.n_head, num_key_value_heads=config.n_query_groups,

@@ -46,7 +46,9 @@ MODES: dict[str, tuple[bool, bool, bool, bool]] = {
     "attnres_full": (True, False, False, True),
     "attnres_block": (False, True, False, True),
 }
-DAR_DEFAULTS: dict[str, Any] = {"mode": "delta_block", "num_blocks": 4, "gate": "none", "null_source": False, "eps": 1e-6}
+DAR_DEFAULTS: dict[str, Any] = {
+    "mode": "delta_block", "num_blocks": 4, "gate": "none", "null_source": False, "eps": 1e-6,
+}
 
 
 def closes_group(mode: str, n_layer: int, num_blocks: int) -> list[bool]:
