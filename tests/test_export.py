@@ -253,11 +253,6 @@ def test_round_trip_is_bit_identical(tmp_path, name, variant):
 # --------------------------------------------------------------------------------------------------
 
 
-def _nothing_left(parent: Path, out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in parent.iterdir() if ".export-" in p.name]
-
-
 def test_bad_input(capsys, tmp_path):
     out = tmp_path / "out" / "hf"
     run = ["export", "hf", "--out_dir", str(out), "--checkpoint_dir"]
@@ -287,7 +282,7 @@ def test_bad_input(capsys, tmp_path):
     (corrupt / "lit_model.pth").write_bytes((good / "lit_model.pth").read_bytes()[:1000])
     line = _error_line(capsys, [*run, str(corrupt)])
     assert "cannot be read" in line and "re-save or re-download the checkpoint" in line
-    _nothing_left(out.parent, out) if out.parent.exists() else None
+    assert not out.parent.exists()  # nothing written for any of them
 
     # an existing non-empty out_dir is kept unless --overwrite true
     out.mkdir(parents=True)
@@ -297,3 +292,63 @@ def test_bad_input(capsys, tmp_path):
     cli.run([*run, str(good), "--overwrite", "true"])
     assert "keep.txt" not in os.listdir(out) and (out / "model.safetensors").is_file()
     assert not [p for p in out.parent.iterdir() if ".export-" in p.name]
+
+
+# --------------------------------------------------------------------------------------------------
+# lm-eval's hf backend scores the export as `lit-dar evaluate` scores the checkpoint
+# --------------------------------------------------------------------------------------------------
+
+
+def _write_tasks(root: Path) -> Path:
+    docs = [
+        {"question": "def add(a, b):\n    return", "choices": ["a + b", "a - b", "None"], "answer": 0},
+        {"question": "import", "choices": ["os", "xyz"], "answer": 0},
+        {"question": "for i in", "choices": ["range(10):", "banana", "()"], "answer": 0},
+        {"question": "x = [1, 2,", "choices": ["3]", "):"], "answer": 1},
+    ]
+    data = root / "tiny.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    tasks = root / "tasks"
+    tasks.mkdir()
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n  cache_dir: {root / 'hf_cache'}\n"
+        "test_split: test\n"
+    )
+    (tasks / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\n" + common + "output_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\ndoc_to_choice: "{{choices}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    (tasks / "tiny_ppl.yaml").write_text(
+        "task: tiny_ppl\n" + common + "output_type: loglikelihood_rolling\n"
+        'doc_to_text: ""\ndoc_to_target: "{{question}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
+    return tasks
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_backend_matches_lit_dar_evaluate(tmp_path):
+    pytest.importorskip("lm_eval")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from lit_dar.data import load_corpus, train_tokenizer
+
+    checkpoint, _ = dar_checkpoint(tmp_path / "lit", "Qwen3-0.6B", "delta_block", "scalar", True, vocab_size=300,
+                                   padded_vocab_size=320, block_size=128)
+    train_tokenizer((d.text for d in load_corpus(100_000)), 300, checkpoint)
+    hf_dir = export_hf(checkpoint, tmp_path / "hf")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(hf_dir))
+    tasks = _write_tasks(tmp_path)
+
+    ours = cli.run(["evaluate", "--checkpoint_dir", str(checkpoint), "--tasks", "[tiny_mc, tiny_ppl]",
+                    "--include_path", str(tasks), "--batch_size", "4"])
+    theirs = simple_evaluate(
+        model="hf", model_args=f"pretrained={hf_dir},trust_remote_code=True,dtype=float32", tasks=["tiny_mc", "tiny_ppl"],
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False), batch_size=4, device="cpu",
+        bootstrap_iters=0,
+    )["results"]
+    assert theirs["tiny_mc"]["acc,none"] == ours["tiny_mc"]["acc,none"]
+    for metric in ("word_perplexity,none", "bits_per_byte,none"):
+        assert theirs["tiny_ppl"][metric] == pytest.approx(ours["tiny_ppl"][metric], rel=1e-4), metric
