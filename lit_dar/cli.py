@@ -433,12 +433,14 @@ def bench() -> None:
 
 def commands() -> dict[str, Any]:
     from lit_dar.convert import convert_hf, convert_to_dar
+    from lit_dar.export import export_hf
     from lit_dar.study import study
 
     return {
         "pretrain": pretrain,
         "finetune": finetune,
         "convert": {"hf": convert_hf, "dar": convert_to_dar},
+        "export": {"hf": export_hf},
         "generate": generate,
         "evaluate": evaluate,
         "routing": routing,

@@ -5,6 +5,8 @@
 mapping. What it adds: an output dir separate from the (often read-only or shared) HF
 download, no silent overwrites, one-line errors that say how to fix the call, and
 support for custom-size models (e.g. tiny test models) through an explicit LitGPT config.
+A directory written by `lit-dar export hf` converts back to the lit-dar checkpoint it came
+from (routing weights and ``dar_config.yaml`` included).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from litgpt.config import Config
 
-from lit_dar.config import DARConfig
+from lit_dar.config import DAR_CONFIG_FILE, DARConfig
 
 # Files LitGPT's `copy_config_files` carries into a checkpoint dir (model_config.yaml is written here).
 _CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -157,12 +159,23 @@ def convert_hf(
         )
     if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'.")
+    from lit_dar.export import add_routing, exported_dar_config, split_routing
+
+    dar = exported_dar_config(checkpoint_dir)  # a directory `lit-dar export hf` wrote: back to lit-dar
+    if dar is not None and model_config is None and model_name is None:
+        model_config = checkpoint_dir / "model_config.yaml"
+        if not model_config.is_file():
+            raise FileNotFoundError(
+                f"{str(checkpoint_dir)!r} is an exported DAR model without its model_config.yaml: copy it back from "
+                "the lit-dar checkpoint, or pass model_config=."
+            )
     name, config = _resolve_config(model_name, model_config, checkpoint_dir)
     _check_against_hf_config(config, checkpoint_dir)
 
     out_dir = checkpoint_dir if out_dir is None else Path(out_dir)
     in_place = out_dir.resolve() == checkpoint_dir.resolve()
-    outputs = list(_OUTPUTS) if in_place else [*_OUTPUTS, *(f for f in _CONFIG_FILES if (checkpoint_dir / f).is_file())]
+    produced = [*_OUTPUTS, DAR_CONFIG_FILE] if dar is not None else list(_OUTPUTS)
+    outputs = produced if in_place else [*produced, *(f for f in _CONFIG_FILES if (checkpoint_dir / f).is_file())]
     existing = [f for f in outputs if (out_dir / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(out_dir)!r} already has {', '.join(existing)}; pass overwrite=True or another out_dir.")
@@ -174,19 +187,25 @@ def convert_hf(
     # results over, so a failed conversion leaves out_dir untouched.
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir))
     try:
-        for src in weights:
-            try:
-                os.symlink(src.resolve(), staging / src.name)
-            except OSError:
-                shutil.copy2(src, staging / src.name)
+        if dar is not None:  # LitGPT's converter gets the base weights; the routing tensors are added after it
+            routing = split_routing(weights, staging / "model.safetensors")
+        else:
+            for src in weights:
+                try:
+                    os.symlink(src.resolve(), staging / src.name)
+                except OSError:
+                    shutil.copy2(src, staging / src.name)
         with _registered(name, config):
             convert_hf_checkpoint(staging, model_name=name, dtype=dtype)
-        for f in _OUTPUTS:
+        if dar is not None:
+            add_routing(staging, {k: v if dtype is None else v.to(getattr(torch, dtype)) for k, v in routing.items()},
+                        dar)
+        for f in produced:
             os.replace(staging / f, out_dir / f)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not in_place:
-        for f in outputs[len(_OUTPUTS) :]:
+        for f in outputs[len(produced) :]:
             shutil.copy2(checkpoint_dir / f, out_dir / f)
     return out_dir
 
