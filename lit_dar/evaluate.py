@@ -120,7 +120,7 @@ class _LitGPTLMMethods:
                     key, _, continuation = requests[i]
                     target = torch.tensor(continuation, device=logprobs.device)
                     scores = logprobs[r, len(rows[r]) - len(continuation) : len(rows[r])]
-                    logprob = scores.gather(-1, target[:, None]).sum().item()
+                    logprob = scores.gather(-1, target[:, None]).double().sum().item()  # fp64: batch-independent
                     greedy = bool((scores.argmax(dim=-1) == target).all())
                     results[i] = (logprob, greedy)
                     if key is not None:
