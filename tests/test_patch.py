@@ -427,3 +427,49 @@ def test_lora_models_can_be_patched() -> None:
     model = patch_model(LoRAGPT(config), DARConfig(mode="delta", gate="scalar"))
     assert isinstance(model, LoRAGPT) and isinstance(model, GPT)
     assert model(torch.randint(0, 96, (1, 4))).shape == (1, 4, 96)
+
+
+# --------------------------------------------------------------------------------------------------
+# The copy of LitGPT's forward
+# --------------------------------------------------------------------------------------------------
+
+# `DARGPTMixin.forward` (with `_rope_and_mask`) mirrors `litgpt.GPT.forward`, and `DARBlockMixin.forward`
+# mirrors `litgpt.model.Block.forward`: the source of the pinned LitGPT's two methods, hashed.
+MIRRORED = {"GPT.forward": "d872e5128a9b2b9a", "Block.forward": "d1eae0302fb05d2d"}
+RECHECK = (
+    "lit_dar.patch mirrors it: re-read the new source against DARGPTMixin.forward / _rope_and_mask (embedding "
+    "scale, rope indices, KV-cache mask, final norm, softcapping, lm_head chunks) and DARBlockMixin.forward "
+    "(norms, post-sublayer norms, shared attention norm, parallel residual), port what changed, run "
+    "tests/test_patch.py, then update MIRRORED in tests/test_patch.py."
+)
+
+
+def test_litgpt_forward_is_the_one_lit_dar_mirrors() -> None:
+    import hashlib
+    import inspect
+
+    import litgpt
+    from litgpt.model import GPT as LitGPT
+
+    for name, method in (("GPT.forward", LitGPT.forward), ("Block.forward", Block.forward)):
+        digest = hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
+        assert digest == MIRRORED[name], f"litgpt {litgpt.__version__}'s {name} changed: {RECHECK}"
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_patched_at_identity_is_bitwise_litgpt(name: str) -> None:
+    """Every family, full forward and KV-cache decoding: a closed gate computes exactly ``GPT.forward``."""
+    base = tiny_gpt(name).eval()
+    idx = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(idx)
+        for mode in ("delta", "delta_block"):
+            model = patched_copy(base, DARConfig(mode=mode, num_blocks=2, gate="scalar"))
+            assert torch.equal(model(idx), expected), f"{name}, {mode}: the patched forward left GPT.forward's. {RECHECK}"
+            for m in (base, model):
+                m.set_kv_cache(batch_size=2)
+            pos = torch.arange(8)
+            steps = [(idx[:, :8], pos)] + [(idx[:, t : t + 1], torch.tensor([t])) for t in range(8, 12)]
+            for chunk, input_pos in steps:
+                assert torch.equal(model(chunk, input_pos), base(chunk, input_pos)), f"{name}, {mode}, KV cache. {RECHECK}"
+            base.clear_kv_cache()
