@@ -159,13 +159,7 @@ def export_hf(checkpoint_dir: Path | str, out_dir: Path | str, overwrite: bool =
     if dar.mode not in MODES:
         raise ValueError(f"mode={dar.mode!r} cannot be exported to transformers: supported modes are {sorted(MODES)}.")
     hf_family(config)  # refuse an unsupported family before reading any weights
-    try:
-        model = load_model(checkpoint_dir)
-    except (RuntimeError, OSError, EOFError) as err:  # torch.load's errors for truncated or foreign files
-        raise ValueError(
-            f"{str(checkpoint_dir / CHECKPOINT_FILE)!r} cannot be read ({' '.join(str(err).split())[:120]}): "
-            "re-save or re-download the checkpoint."
-        ) from None
+    model = load_model(checkpoint_dir)  # a truncated or corrupt file: one ValueError naming it
     bos_id, eos_id = _special_ids(checkpoint_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))

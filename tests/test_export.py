@@ -281,7 +281,7 @@ def test_bad_input(capsys, tmp_path):
         (corrupt / f.name).write_bytes(f.read_bytes())
     (corrupt / "lit_model.pth").write_bytes((good / "lit_model.pth").read_bytes()[:1000])
     line = _error_line(capsys, [*run, str(corrupt)])
-    assert "cannot be read" in line and "re-save or re-download the checkpoint" in line
+    assert "lit_model.pth' is not a readable PyTorch checkpoint" in line and "write it again" in line
     assert not out.parent.exists()  # nothing written for any of them
 
     # an existing non-empty out_dir is kept unless --overwrite true
