@@ -498,8 +498,10 @@ class DepthRouter(nn.Module):
     def _stacked_queries(self, dtype: torch.dtype) -> Tensor:
         """``query ∘ key_gain`` for every routed point; without grad (decoding) it is recomputed only when the
         parameters change (their version counters or storage), not for every token. A compiled graph computes
-        them in the graph (dynamo cannot trace the storage check)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        them in the graph (dynamo cannot trace the storage check). Parameters made under ``torch.inference_mode``
+        are inference tensors, which keep no version counter: theirs are recomputed every forward."""
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or self.query.is_inference() or self.key_gain.is_inference()):
             return self.query.to(dtype) * self.key_gain.to(dtype)
         key = (dtype, self.query._version, self.key_gain._version, self.query.data_ptr(), self.key_gain.data_ptr())
         if self._frozen is None or self._frozen[0] != key:

@@ -427,3 +427,38 @@ def test_lora_models_can_be_patched() -> None:
     model = patch_model(LoRAGPT(config), DARConfig(mode="delta", gate="scalar"))
     assert isinstance(model, LoRAGPT) and isinstance(model, GPT)
     assert model(torch.randint(0, 96, (1, 4))).shape == (1, 4, 96)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "ddl"])
+def test_inference_mode_build_patch_load_and_decode(mode: str, tmp_path: Path) -> None:
+    """Built, patched, loaded and run under ``torch.inference_mode`` (as LitGPT's HF comparisons and serving
+    build models), a model gives exactly the logits it gives outside; having run there, it still runs and
+    trains outside (nothing made in inference mode is reused there)."""
+    dar = DARConfig(mode=mode) if mode == "ddl" else DARConfig(mode=mode, num_blocks=2, gate=_gate(mode))
+    base = tiny_gpt()
+    reference, model, twin = (patched_copy(base, dar) for _ in range(3))
+    for m in (reference, model, twin):
+        _randomize_routing(m)
+    lit_dar.save_checkpoint(reference, tmp_path)
+    idx = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        full = reference(idx)
+    cached = decode(reference, idx)
+
+    with torch.inference_mode():
+        inside = patched_copy(base, dar)  # built and patched inside
+        inside.dar.load_state_dict(reference.dar.state_dict())
+        loaded = lit_dar.load_model(tmp_path)  # built on meta, materialised and loaded inside
+        for m in (model, inside, loaded):  # `model` was patched outside and runs inside first
+            assert torch.equal(m(idx), full)
+            assert torch.equal(decode(m, idx), cached)
+
+    with torch.no_grad():
+        assert torch.equal(model(idx), full)
+    assert torch.equal(decode(model, idx), cached)
+    grads = []
+    for m in (model, twin):  # a training step outside, after running inside and never
+        m(idx).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g, g_twin in zip(*grads):
+        assert torch.equal(g, g_twin)
