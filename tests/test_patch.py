@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, assert_matches_reference, MODES, decode, patched_copy, tiny_config, tiny_gpt
+from conftest import (
+    ARCHITECTURES, MODES, REENTRANT_WRAPPERS, assert_matches_reference, checkpoint_reentrant, decode, patched_copy,
+    tiny_config, tiny_gpt,
+)
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -244,6 +247,25 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
         ckpt(idx).square().mean().backward()
         for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
             torch.testing.assert_close(p.grad, q.grad, msg=f"{mode} {n}")
+
+
+@pytest.mark.parametrize("wrapper", REENTRANT_WRAPPERS)
+def test_reentrant_activation_checkpointing_is_refused_at_the_first_forward(wrapper: str) -> None:
+    """Reentrant checkpointing gives gradients only to a block's tensor arguments, which the routed sources are
+    not: every mode refuses it in the first forward, naming the fix, rather than fail in backward (Delta) or
+    silently drop gradients (AttnRes). Without grad nothing is lost, and it runs."""
+    base = tiny_gpt()
+    idx = torch.randint(0, 96, (2, 9))
+    for mode in MODES:
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2))
+        with torch.no_grad():
+            expected = model(idx)
+        checkpoint_reentrant(model, wrapper)
+        with pytest.raises(RuntimeError, match=r"reentrant activation checkpointing.*use_reentrant=False") as error:
+            model(idx)
+        assert "\n" not in str(error.value)
+        with torch.no_grad():
+            assert torch.equal(model(idx), expected)
 
 
 @pytest.mark.parametrize("mode", ["delta", "delta_block"])
