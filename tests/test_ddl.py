@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import (
-    ARCHITECTURES, REENTRANT_WRAPPERS, assert_matches_reference, checkpoint_reentrant, decode, patched_copy, tiny_config,
-    tiny_gpt,
+    ARCHITECTURES, REENTRANT_WRAPPERS, assert_matches_reference, checkpoint_reentrant, decode, patched_copy,
+    tiny_config, tiny_gpt,
 )
 from litgpt import GPT, Config
 from litgpt.model import Block
