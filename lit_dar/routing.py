@@ -289,6 +289,8 @@ class RoutingState(NamedTuple):
     # the plain path (torch.compile, ``implementation="autograd"``): per completed source, its logits for the
     # routed points from its first reader on ``(..., R - first)``, computed by the router when it completes
     logits: tuple[Tensor, ...] | None = None
+    # whether the forward that made the state records a graph (see DepthRouter.layer)
+    grad: bool = False
 
     @property
     def n_completed(self) -> int:
@@ -309,12 +311,12 @@ class RoutingState(NamedTuple):
         partial = output if self.partial is None else self.partial + output
         sources, tokens = self.sources, self.tokens
         if not plan.closes_group[j]:
-            return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries, self.logits)
+            return RoutingState(sources, partial, self.stats, self.bank, tokens, self.queries, self.logits, self.grad)
         if self.bank is not None:
             tokens = (*tokens, emit(self.bank, len(tokens), partial, self.queries))
         else:
             sources = (*sources, partial)
-        return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries, self.logits)
+        return RoutingState(sources, None, self.stats, self.bank, tokens, self.queries, self.logits, self.grad)
 
 
 def _shared_source_groups(plan: RoutingPlan) -> tuple[tuple[int, int] | None, ...]:
@@ -359,6 +361,15 @@ def _lookahead_windows(plan: RoutingPlan, groups: tuple[tuple[int, int] | None, 
 # --------------------------------------------------------------------------------------------------
 # Parameters
 # --------------------------------------------------------------------------------------------------
+
+
+REENTRANT_CHECKPOINTING = (
+    "Depth routing does not support reentrant activation checkpointing (use_reentrant=True, "
+    "CheckpointImpl.REENTRANT): a block ran without grad inside a forward with grad, and the sources it routes over "
+    "would get no gradient. Use non-reentrant checkpointing: torch.utils.checkpoint.checkpoint(..., "
+    "use_reentrant=False), checkpoint_wrapper's default CheckpointImpl.NO_REENTRANT, or Lightning's "
+    "activation_checkpointing_policy."
+)
 
 
 class DepthRouter(nn.Module):
@@ -456,7 +467,7 @@ class DepthRouter(nn.Module):
 
     def start(self, x0: Tensor) -> RoutingState:
         """The sources of a new forward: just the embedding ``x0``."""
-        stats = {} if self.record_stats else None
+        stats, grad = ({} if self.record_stats else None), torch.is_grad_enabled()
         if self._use_bank():
             queries = self._stacked_queries(compute_dtype(x0.dtype))
             # below ``lookahead_tokens`` tokens (decoding) a pass is cheaper than the ops a window adds
@@ -468,11 +479,11 @@ class DepthRouter(nn.Module):
             if self.gate is not None and any(self._groups):
                 bank.gate = self.gate
             token = emit(bank, 0, x0, queries)
-            return RoutingState((), None, stats, bank, (token,), queries)
+            return RoutingState((), None, stats, bank, (token,), queries, grad=grad)
         if self._plain():
             queries = self._stacked_queries(compute_dtype(x0.dtype))
-            return self._completed(RoutingState((x0,), None, stats, queries=queries, logits=()))
-        return RoutingState((x0,), None, stats)
+            return self._completed(RoutingState((x0,), None, stats, queries=queries, logits=(), grad=grad))
+        return RoutingState((x0,), None, stats, grad=grad)
 
     def _plain(self) -> bool:
         """Whether the plain math runs: under ``torch.compile``, or when asked for."""
@@ -498,8 +509,10 @@ class DepthRouter(nn.Module):
     def _stacked_queries(self, dtype: torch.dtype) -> Tensor:
         """``query ∘ key_gain`` for every routed point; without grad (decoding) it is recomputed only when the
         parameters change (their version counters or storage), not for every token. A compiled graph computes
-        them in the graph (dynamo cannot trace the storage check)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        them in the graph (dynamo cannot trace the storage check). Parameters made under ``torch.inference_mode``
+        are inference tensors, which keep no version counter: theirs are recomputed every forward."""
+        if (torch.is_grad_enabled() or torch.compiler.is_compiling()
+                or self.query.is_inference() or self.key_gain.is_inference()):
             return self.query.to(dtype) * self.key_gain.to(dtype)
         key = (dtype, self.query._version, self.key_gain._version, self.query.data_ptr(), self.key_gain.data_ptr())
         if self._frozen is None or self._frozen[0] != key:
@@ -544,7 +557,13 @@ class DepthRouter(nn.Module):
 
         ``attn`` and ``mlp`` map a sublayer input ``h`` to the sublayer output ``v`` (norms included). The
         stream update ``s ← v + s`` is written in the order LitGPT uses, so a closed gate is bit-exact.
+
+        The sources reach the block through ``state``, not as its tensor arguments. Reentrant activation
+        checkpointing runs the block without grad and gives gradients only to its tensor arguments and
+        outputs, so routed gradients would be lost: a block run without grad in a forward with grad is refused.
         """
+        if state.grad and not torch.is_grad_enabled():
+            raise RuntimeError(REENTRANT_CHECKPOINTING)
         plan, pair = self.plan, (2 * layer, 2 * layer + 1)
         if plan.parallel:  # both sublayers read the sources completed before this layer
             outputs = [f(self._input(j, stream, state)) for j, f in zip(pair, (attn, mlp))]

@@ -81,3 +81,27 @@ def decode(model: GPT, idx: torch.Tensor, prompt: int = 6) -> torch.Tensor:
             steps.append(model(idx[:, t : t + 1], input_pos=torch.tensor([t]), input_pos_maxp1=t + 1))
         model.clear_kv_cache()
     return torch.cat(steps, dim=1)
+
+
+REENTRANT_WRAPPERS = ["torch.utils.checkpoint", "checkpoint_wrapper"]
+
+
+def checkpoint_reentrant(model: GPT, wrapper: str) -> None:
+    """Wrap every block in reentrant activation checkpointing: ``torch.utils.checkpoint`` with ``use_reentrant=True``
+    (the block's keyword arguments bound, since that variant takes none), or ``checkpoint_wrapper`` with
+    ``CheckpointImpl.REENTRANT``."""
+    from functools import partial
+
+    from litgpt.model import Block
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl, apply_activation_checkpointing, checkpoint_wrapper,
+    )
+    from torch.utils.checkpoint import checkpoint
+
+    if wrapper == "checkpoint_wrapper":
+        wrap = partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.REENTRANT)
+        apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: isinstance(m, Block))
+        return
+    for block in model.transformer.h:
+        forward = block.forward
+        block.forward = lambda *a, _f=forward, **k: checkpoint(partial(_f, **k), *a, use_reentrant=True)

@@ -6,7 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, assert_matches_reference, decode, patched_copy, tiny_config, tiny_gpt
+from conftest import (
+    ARCHITECTURES, REENTRANT_WRAPPERS, assert_matches_reference, checkpoint_reentrant, decode, patched_copy,
+    tiny_config, tiny_gpt,
+)
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -237,6 +240,22 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
         torch.testing.assert_close(p.grad, q.grad, msg=n)
     for a, b in zip(lit_dar.routing_statistics(plain), lit_dar.routing_statistics(ckpt)):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("wrapper", REENTRANT_WRAPPERS)
+def test_reentrant_activation_checkpointing_gives_the_same_gradients(wrapper: str) -> None:
+    """DDL's state carries no tensors from block to block (only the stream, a block argument), so reentrant
+    checkpointing works as for an unpatched model."""
+    base = tiny_gpt("pythia-14m")
+    plain, ckpt = patched_copy(base, _ddl(1)), patched_copy(base, _ddl(1))
+    for model in (plain, ckpt):
+        _randomize_rule(model)
+    checkpoint_reentrant(ckpt, wrapper)
+    idx = torch.randint(0, 96, (2, 9))
+    plain(idx).square().mean().backward()
+    ckpt(idx).square().mean().backward()
+    for (n, p), (_, q) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -4,7 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from conftest import ARCHITECTURES, assert_matches_reference, MODES, decode, patched_copy, tiny_config, tiny_gpt
+from conftest import (
+    ARCHITECTURES, MODES, REENTRANT_WRAPPERS, assert_matches_reference, checkpoint_reentrant, decode, patched_copy,
+    tiny_config, tiny_gpt,
+)
 from litgpt import GPT, Config
 from litgpt.model import Block
 
@@ -246,6 +249,25 @@ def test_activation_checkpointing_replays_blocks_exactly() -> None:
             torch.testing.assert_close(p.grad, q.grad, msg=f"{mode} {n}")
 
 
+@pytest.mark.parametrize("wrapper", REENTRANT_WRAPPERS)
+def test_reentrant_activation_checkpointing_is_refused_at_the_first_forward(wrapper: str) -> None:
+    """Reentrant checkpointing gives gradients only to a block's tensor arguments, which the routed sources are
+    not: every mode refuses it in the first forward, naming the fix, rather than fail in backward (Delta) or
+    silently drop gradients (AttnRes). Without grad nothing is lost, and it runs."""
+    base = tiny_gpt()
+    idx = torch.randint(0, 96, (2, 9))
+    for mode in MODES:
+        model = patched_copy(base, DARConfig(mode=mode, num_blocks=2))
+        with torch.no_grad():
+            expected = model(idx)
+        checkpoint_reentrant(model, wrapper)
+        with pytest.raises(RuntimeError, match=r"reentrant activation checkpointing.*use_reentrant=False") as error:
+            model(idx)
+        assert "\n" not in str(error.value)
+        with torch.no_grad():
+            assert torch.equal(model(idx), expected)
+
+
 @pytest.mark.parametrize("mode", ["delta", "delta_block"])
 def test_generate_with_litgpt_then_train(mode: str) -> None:
     """LitGPT's ``generate`` (KV cache, ``torch.inference_mode``) gives the greedy tokens of full forwards, and
@@ -473,3 +495,38 @@ def test_patched_at_identity_is_bitwise_litgpt(name: str) -> None:
             for chunk, input_pos in steps:
                 assert torch.equal(model(chunk, input_pos), base(chunk, input_pos)), f"{name}, {mode}, KV cache. {RECHECK}"
             base.clear_kv_cache()
+
+
+@pytest.mark.parametrize("mode", [*MODES, "ddl"])
+def test_inference_mode_build_patch_load_and_decode(mode: str, tmp_path: Path) -> None:
+    """Built, patched, loaded and run under ``torch.inference_mode`` (as LitGPT's HF comparisons and serving
+    build models), a model gives exactly the logits it gives outside; having run there, it still runs and
+    trains outside (nothing made in inference mode is reused there)."""
+    dar = DARConfig(mode=mode) if mode == "ddl" else DARConfig(mode=mode, num_blocks=2, gate=_gate(mode))
+    base = tiny_gpt()
+    reference, model, twin = (patched_copy(base, dar) for _ in range(3))
+    for m in (reference, model, twin):
+        _randomize_routing(m)
+    lit_dar.save_checkpoint(reference, tmp_path)
+    idx = torch.randint(0, 96, (2, 10))
+    with torch.no_grad():
+        full = reference(idx)
+    cached = decode(reference, idx)
+
+    with torch.inference_mode():
+        inside = patched_copy(base, dar)  # built and patched inside
+        inside.dar.load_state_dict(reference.dar.state_dict())
+        loaded = lit_dar.load_model(tmp_path)  # built on meta, materialised and loaded inside
+        for m in (model, inside, loaded):  # `model` was patched outside and runs inside first
+            assert torch.equal(m(idx), full)
+            assert torch.equal(decode(m, idx), cached)
+
+    with torch.no_grad():
+        assert torch.equal(model(idx), full)
+    assert torch.equal(decode(model, idx), cached)
+    grads = []
+    for m in (model, twin):  # a training step outside, after running inside and never
+        m(idx).square().mean().backward()
+        grads.append([p.grad for p in m.parameters()])
+    for g, g_twin in zip(*grads):
+        assert torch.equal(g, g_twin)
