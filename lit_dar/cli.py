@@ -8,6 +8,7 @@ offline default of ``recipes/pretrain/tiny.yaml`` (its values are this file's de
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, fields, replace
@@ -279,11 +280,20 @@ def generate(
 
     from lit_dar.patch import load_model
 
+    if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise UsageError(f"max_new_tokens={max_new_tokens} must be a positive integer.")
+    if not temperature >= 0:
+        raise UsageError(f"temperature={temperature} must be ≥ 0 (0: greedy).")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k={top_k} must be a positive integer, or null to sample from every token.")
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
     torch.manual_seed(seed)
     tokenizer = _tokenizer(checkpoint_dir)
     model = load_model(checkpoint_dir).eval()
     encoded = tokenizer.encode(prompt)
+    if len(encoded) >= model.max_seq_length:
+        raise UsageError(f"The prompt has {len(encoded)} tokens, but the model's context is {model.max_seq_length}: "
+                         "shorten the prompt.")
     total = min(len(encoded) + max_new_tokens, model.max_seq_length)
     model.set_kv_cache(batch_size=1)
     out = litgpt_generate(model, encoded, max_returned_tokens=total, temperature=temperature, top_k=top_k,
@@ -321,6 +331,16 @@ def evaluate(
     from lit_dar.evaluate import run_lm_eval
     from lit_dar.patch import load_model
 
+    if not tasks:
+        raise UsageError("tasks is empty: name at least one lm-eval task, e.g. --tasks '[hellaswag]'.")
+    if isinstance(batch_size, bool) or batch_size < 1:
+        raise UsageError(f"batch_size={batch_size} must be a positive integer.")
+    if limit is not None and not limit > 0:
+        raise UsageError(f"limit={limit} must be positive: a number of examples, or a fraction in (0, 1].")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise UsageError(f"num_fewshot={num_fewshot} must be ≥ 0.")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise UsageError(f"include_path {str(include_path)!r} is not a directory of task YAMLs.")
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
     model = load_model(checkpoint_dir).eval()
     results = run_lm_eval(
@@ -356,7 +376,11 @@ def routing(checkpoint_dir: Path, text: str | None = None, out: Path | None = No
 
         text = load_corpus(max_bytes=200_000)[0].text
     idx = tokenizer.encode(text)[: model.max_seq_length].unsqueeze(0)
+    if idx.numel() == 0:
+        raise UsageError("text is empty: give a text to route, or leave --text unset for a corpus paragraph.")
     out = Path(out) if out is not None else checkpoint_dir / "routing.png"
+    if out.exists() and out.is_dir() or not os.access(next(p for p in out.parents if p.exists()), os.W_OK):
+        raise UsageError(f"out {str(out)!r} cannot be written: choose a PNG path in a writable directory.")
     rows = routing_report(model, idx, out, title=f"{checkpoint_dir.name}: {get_dar_config(model).mode}")
     print(f"Routing heatmap: {out}")
     return rows
@@ -465,7 +489,6 @@ def run(argv: list[str] | None = None) -> Any:
     Bad input ends with one line that names the fix and exit code 2, not a traceback; ``LIT_DAR_DEBUG=1``
     shows the traceback instead.
     """
-    import os
 
     from jsonargparse import ArgumentError, CLI, set_docstring_parse_options
 

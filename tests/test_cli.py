@@ -242,6 +242,33 @@ def _tokenizer_dir(tmp_path: Path) -> Path:
     return path
 
 
+def test_impossible_generate_evaluate_routing_arguments(capsys, tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from lit_dar.patch import save_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    config = tiny_config("Qwen3-0.6B", n_layer=2, vocab_size=512, padded_vocab_size=512, block_size=16)
+    save_checkpoint(lit_dar.build_model(config, lit_dar.DARConfig(num_blocks=2)), ckpt)
+    (ckpt / "tokenizer.json").write_text((_tokenizer_dir(tmp_path) / "tokenizer.json").read_text())
+    cases = {
+        ("generate", "--max_new_tokens", "0"): "max_new_tokens=0 must be a positive integer",
+        ("generate", "--temperature", "-1"): "temperature=-1.0 must be ≥ 0",
+        ("generate", "--top_k", "0"): "top_k=0 must be a positive integer",
+        ("generate", "--prompt", "import os\n" * 20): "shorten the prompt",
+        ("evaluate", "--tasks", "[]"): "tasks is empty",
+        ("evaluate", "--tasks", "[x]", "--batch_size", "0"): "batch_size=0",
+        ("evaluate", "--tasks", "[x]", "--limit", "0"): "limit=0.0 must be positive",
+        ("evaluate", "--tasks", "[x]", "--num_fewshot", "-1"): "num_fewshot=-1",
+        ("evaluate", "--tasks", "[x]", "--include_path", str(tmp_path / "nowhere")): "not a directory of task YAMLs",
+        ("routing", "--text", ""): "text is empty",
+        ("routing", "--out", str(tmp_path)): "cannot be written",
+    }
+    for (command, *args), expected in cases.items():
+        line = _error_line(capsys, [command, str(ckpt), *args])
+        assert expected in line, (command, args, line)
+
+
 def test_corrupt_checkpoints_are_one_line(capsys, tmp_path: Path) -> None:
     from conftest import tiny_config
 
