@@ -11,9 +11,9 @@ the delta rule along it:
 
 β = 0 keeps the stream, β = 1 overwrites its component along ``k`` with ``v``, β = 2 reflects it.
 
-Like :mod:`lit_dar.routing` this module is pure torch: :class:`DeepDeltaRule` implements the same
-``start → layer → finish`` residual-rule interface as :class:`~lit_dar.routing.DepthRouter`, so the
-patched LitGPT model runs either without knowing which. The update is a custom autograd function that
+Like :mod:`lit_dar.routing` this module is pure torch: :class:`DeepDeltaRule` is a
+:class:`~lit_dar.rule.ResidualRule`, as :class:`~lit_dar.routing.DepthRouter` is, so the patched LitGPT
+model runs either without knowing which. The update is a custom autograd function that
 saves only references to its inputs (the stream, the sublayer output and its normed input, which the
 model keeps alive anyway) and recomputes the fp32 intermediates in backward, so a bf16 model does not
 pay for fp32 copies of ``s`` and ``k`` per sublayer.
@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from lit_dar.routing import DepthRouter
+from lit_dar.rule import DeltaRuleStatistics, ResidualRule
 
 DDL_MODE = "ddl"
 # how the scalar target v is made -> its value at init when DARConfig.ddl_value_init is left unset
@@ -187,7 +187,7 @@ def reference_delta_update(
 # --------------------------------------------------------------------------------------------------
 
 
-class DeepDeltaRule(nn.Module):
+class DeepDeltaRule(ResidualRule):
     """DDL parameters of every sublayer, stacked (row ``j`` belongs to sublayer ``j``), and the rule itself.
 
     * ``beta_weight`` (2L, D), zero at init, and ``beta_bias`` (2L,), ``logit(β₀/2)`` at init: β starts at
@@ -225,11 +225,7 @@ class DeepDeltaRule(nn.Module):
         learned = value != "constant"
         self.value_weight = nn.Parameter(torch.empty(n, n_embd, device=device)) if learned else None
         self.value_bias = nn.Parameter(torch.empty(n, device=device)) if learned else None
-        self.record_stats = False
-        # per sublayer, {"beta": β, "residual": |v − kᵀs|} per token of the last recorded forward; named
-        # like the depth router's record so that enabling/clearing statistics treats both rules alike
-        self.last_weights: list[dict[str, Tensor]] = []
-        self.config_dict: dict = {}  # what built this rule; saved and checked with the weights
+        # last_weights: per sublayer, {"beta": β, "residual": |v − kᵀs|} per token of the last recorded forward
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -240,10 +236,6 @@ class DeepDeltaRule(nn.Module):
             nn.init.zeros_(self.value_weight)
             sigmoid = self.value == "sigmoid_linear"
             nn.init.constant_(self.value_bias, _logit(self.value_init) if sigmoid else self.value_init)
-
-    # the same config check as the depth router: weights made for another config are refused
-    get_extra_state = DepthRouter.get_extra_state
-    set_extra_state = DepthRouter.set_extra_state
 
     def update(self, j: int, stream: Tensor, output: Tensor, normed: Tensor, stats: dict | None = None) -> Tensor:
         """Sublayer ``j``'s rewrite of ``stream`` along its ``output``, β read from its input ``normed``."""
@@ -294,9 +286,11 @@ class DeepDeltaRule(nn.Module):
             self.last_weights = [state[j] for j in sorted(state)]
         return stream
 
-    def statistics(self) -> list[dict[str, Tensor]]:
+    def _summarize(self) -> DeltaRuleStatistics:
         """Per sublayer of the last recorded forward: mean β and mean ``|v − kᵀs|`` over tokens."""
-        return [{"beta": r["beta"].float().mean(), "residual": r["residual"].float().mean()} for r in self.last_weights]
+        beta = torch.stack([r["beta"].float().mean() for r in self.last_weights])
+        residual = torch.stack([r["residual"].float().mean() for r in self.last_weights])
+        return DeltaRuleStatistics(beta, residual)
 
 
 __all__ = [

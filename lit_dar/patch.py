@@ -1,8 +1,8 @@
 """Wiring Delta Attention Residuals into a LitGPT ``GPT``: the patch, filters, statistics, checkpoints.
 
-``patch_model(model, DARConfig(...))`` adds one ``dar`` module — the residual rule: a
-:class:`~lit_dar.routing.DepthRouter`, or a :class:`~lit_dar.ddl.DeepDeltaRule` for ``mode="ddl"`` — to
-an existing model and swaps the classes of the model and its blocks for thin subclasses whose
+``patch_model(model, DARConfig(...))`` adds one ``dar`` module — the residual rule, a
+:class:`~lit_dar.rule.ResidualRule`: a :class:`~lit_dar.routing.DepthRouter`, or a
+:class:`~lit_dar.ddl.DeepDeltaRule` for ``mode="ddl"`` — to an existing model and swaps the classes of the model and its blocks for thin subclasses whose
 forward threads the routing state through the layers. The model stays a ``litgpt.GPT`` and its blocks
 stay ``litgpt.model.Block`` instances, so FSDP wrap policies, activation checkpointing, generation
 and LitGPT's utilities keep working; every block is still called as a module, so FSDP's hooks fire.
@@ -26,7 +26,8 @@ from torch import Tensor
 
 from lit_dar.config import DARConfig
 from lit_dar.ddl import DDL_MODE, DeepDeltaRule
-from lit_dar.routing import MODES, DepthRouter, RoutingPlan, summarize_weights
+from lit_dar.routing import MODES, DepthRouter, RoutingPlan
+from lit_dar.rule import NOT_RECORDED, ResidualRule
 
 DAR_PREFIX = "dar"
 CHECKPOINT_FILE = "lit_model.pth"
@@ -54,7 +55,7 @@ class DARBlockMixin:
         mask: Tensor | None = None,
         input_pos: Tensor | None = None,
         input_pos_maxp1: int | None = None,
-        routing: tuple[DepthRouter | DeepDeltaRule, Any] | None = None,
+        routing: tuple[ResidualRule, Any] | None = None,
     ) -> Tensor | tuple[Tensor, Any]:
         if routing is None:
             return super().forward(x, cos, sin, mask, input_pos, input_pos_maxp1)  # type: ignore[misc]
@@ -200,19 +201,10 @@ def _deep_delta_rule(model: GPT, config: DARConfig) -> DeepDeltaRule:
     )
 
 
-def _depth_weight_statistics(router: DepthRouter) -> list[dict[str, Tensor]]:
-    return [summarize_weights(alpha) for alpha in router.last_weights]
-
-
 # mode -> the residual rule `model.dar` it installs: modes are data, the patched forward has no branches
-RULES: dict[str, Callable[[GPT, DARConfig], nn.Module]] = {
+RULES: dict[str, Callable[[GPT, DARConfig], ResidualRule]] = {
     **dict.fromkeys(MODES, _depth_router),
     DDL_MODE: _deep_delta_rule,
-}
-# rule class -> summary of its last recorded forward, one dict per sublayer (routed point)
-RULE_STATISTICS: dict[type, Callable[[Any], list[dict[str, Tensor]]]] = {
-    DepthRouter: _depth_weight_statistics,
-    DeepDeltaRule: DeepDeltaRule.statistics,
 }
 
 
@@ -261,9 +253,9 @@ def get_dar_config(model: nn.Module) -> DARConfig | None:
     return None if router is None else DARConfig.from_dict(router.config_dict)
 
 
-def find_router(model: nn.Module) -> DepthRouter | DeepDeltaRule | None:
+def find_router(model: nn.Module) -> ResidualRule | None:
     """The residual rule inside ``model`` (also when wrapped, e.g. by a LightningModule or DDP)."""
-    return next((m for m in model.modules() if isinstance(m, tuple(RULE_STATISTICS))), None)
+    return next((m for m in model.modules() if isinstance(m, ResidualRule)), None)
 
 
 def build_model(config: Any, dar: DARConfig | None = None, device: torch.device | str | None = None) -> GPT:
@@ -318,12 +310,15 @@ def routing_statistics(model: nn.Module) -> list[dict[str, Tensor]]:
     Depth routing: mean weight per source, mean max weight, entropy (+ uniform refs); source 0 is the
     null source when the config has one, then ``x0``, then the completed sources.
     DDL: ``beta`` (mean β) and ``residual`` (mean ``|v − kᵀs|``) of every sublayer.
+    The typed summary is ``find_router(model).statistics()`` (a :class:`~lit_dar.rule.RuleStatistics`).
+
+    Raises:
+        ValueError: the model has no rule, or no forward was recorded.
     """
-    router = find_router(model)
-    if router is None or not router.last_weights:
-        raise ValueError("No routing weights recorded: call enable_routing_stats(model) and run a forward first.")
-    with torch.no_grad():
-        return RULE_STATISTICS[type(router)](router)
+    rule = find_router(model)
+    if rule is None:
+        raise ValueError(NOT_RECORDED)
+    return rule.statistics().per_point()
 
 
 # --------------------------------------------------------------------------------------------------

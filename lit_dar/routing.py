@@ -31,6 +31,7 @@ from torch import Tensor
 from lit_dar.bank import (
     BufferPool, SourceBank, bank_input, compute_dtype, emit, group_input, no_autocast, window_size,
 )
+from lit_dar.rule import ResidualRule, RoutingStatistics
 
 # --------------------------------------------------------------------------------------------------
 # The op
@@ -372,7 +373,7 @@ REENTRANT_CHECKPOINTING = (
 )
 
 
-class DepthRouter(nn.Module):
+class DepthRouter(ResidualRule):
     """Learned parameters of every routed point, stacked: row ``k`` belongs to routed point ``k``.
 
     * ``query`` (R, D), zero at init → uniform weights;
@@ -394,13 +395,10 @@ class DepthRouter(nn.Module):
         self.key_gain = nn.Parameter(torch.empty(n_routes, n_embd, device=device))
         self.gate = nn.Parameter(torch.empty(n_routes, device=device)) if gate else None
         self.null = nn.Parameter(torch.empty(n_routes, n_embd, device=device)) if null_source else None
-        self.record_stats = False
-        self.last_weights: list[Tensor] = []
         # "bank": the fast path (one source bank per forward, fused-pass routing); "op": one
         # depth_attention call per routed point; "autograd": the plain math, which is also what runs
         # under torch.compile (inductor fuses it). All three compute the same function.
         self.implementation = "bank"
-        self.config_dict: dict = {}  # what built this router; saved and checked with the weights
         self._pool = BufferPool()
         self._groups = _shared_source_groups(plan) if not null_source else (None,) * n_routes
         self._first_readers = plan.first_readers()
@@ -426,20 +424,6 @@ class DepthRouter(nn.Module):
     def free_buffers(self) -> None:
         """Drop the pooled bank buffers kept for the next forward (memory measurements count them that way)."""
         self._pool.clear()
-
-    def get_extra_state(self) -> dict:
-        return {"config": dict(self.config_dict)}
-
-    def set_extra_state(self, state: dict) -> None:
-        """Refuse weights made for another routing config: same shapes can still mean other sources."""
-        saved = dict(state.get("config", {}))
-        if saved != self.config_dict:
-            diff = {k: (saved.get(k), self.config_dict.get(k)) for k in set(saved) | set(self.config_dict)
-                    if saved.get(k) != self.config_dict.get(k)}
-            raise ValueError(
-                f"The checkpoint's routing config differs from this model's (field: (checkpoint, model)): {diff}. "
-                "Patch the model with the checkpoint's config (lit_dar.load_model reads it from dar_config.yaml)."
-            )
 
     def route(self, k: int, sources: tuple[Tensor, ...], stats: dict | None = None,
               logits: tuple[Tensor, ...] = ()) -> Tensor:
@@ -582,6 +566,16 @@ class DepthRouter(nn.Module):
         if state.stats is not None:
             self.last_weights = [state.stats[k] for k in sorted(state.stats)]
         return stream
+
+    def _summarize(self) -> RoutingStatistics:
+        points = [summarize_weights(alpha) for alpha in self.last_weights]
+        n_sources = tuple(int(p["n_sources"]) for p in points)
+        matrix = points[0]["mean_weight"].new_full((len(points), max(n_sources)), math.nan)
+        for k, p in enumerate(points):
+            matrix[k, : n_sources[k]] = p["mean_weight"]
+        max_weight = torch.stack([p["max_weight"] for p in points])
+        entropy = torch.stack([p["entropy"] for p in points])
+        return RoutingStatistics(matrix, max_weight, entropy, n_sources, self.null is not None)
 
 
 def routing_entropy(alpha: Tensor) -> Tensor:

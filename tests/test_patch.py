@@ -530,3 +530,30 @@ def test_inference_mode_build_patch_load_and_decode(mode: str, tmp_path: Path) -
         grads.append([p.grad for p in m.parameters()])
     for g, g_twin in zip(*grads):
         assert torch.equal(g, g_twin)
+
+
+@pytest.mark.parametrize("mode", [*MODES, "ddl"])
+def test_every_mode_installs_a_residual_rule_with_typed_statistics(mode: str) -> None:
+    from lit_dar.rule import DeltaRuleStatistics, ResidualRule, RoutingStatistics
+
+    model = patch_model(tiny_gpt(), DARConfig(mode=mode, num_blocks=2))
+    assert isinstance(model.dar, ResidualRule)
+    with pytest.raises(ValueError, match="enable_routing_stats"):
+        model.dar.statistics()
+    lit_dar.enable_routing_stats(model)
+    model(torch.randint(0, 96, (2, 6)))
+    stats = model.dar.statistics()
+    assert isinstance(stats, DeltaRuleStatistics if mode == "ddl" else RoutingStatistics)
+    n_points = 8 if mode in ("ddl", "delta", "delta_block") else 9
+    assert len(stats) == len(stats.rows()) == n_points
+    assert all(len(series) == n_points for series in stats.scalars().values())
+    # the per-point view is lit_dar.routing_statistics, and a mean over ranks of equal statistics changes nothing
+    for a, b in zip(stats.per_point(), lit_dar.routing_statistics(model)):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = stats.reduced(lambda flat: flat.clone())
+    for name, series in stats.series().items():
+        torch.testing.assert_close(same.series()[name], series.float())
+    if mode != "ddl":
+        matrix = stats.matrix()
+        assert matrix.shape == (n_points, max(stats.n_sources)) and matrix[0, 1:].isnan().all()
+        assert same.matrix()[0, 1:].isnan().all()
