@@ -30,6 +30,7 @@ from litgpt import GPT, Config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lit_dar import DARConfig, patch_model  # noqa: E402
+from lit_dar.backends import PlainBackend  # noqa: E402
 
 
 def build(name: str, n_layer: int, n_embd: int, eps: float, dar: DARConfig, perturbed: bool, seed: int) -> GPT:
@@ -47,13 +48,13 @@ def build(name: str, n_layer: int, n_embd: int, eps: float, dar: DARConfig, pert
                 p.add_(0.1 * torch.randn_like(p))
     else:
         model.apply(model._init_weights)
-    patch_model(model, dar)
+    # the plain backend hands each routed point its sources as a tuple (DepthRouter.route), so one can be changed
+    patch_model(model, dar, backend=PlainBackend())
     model.double()
     if perturbed:
         with torch.no_grad():
             for pname, p in model.dar.named_parameters():
                 p.copy_((1.0 if pname == "key_gain" else 0.0) + 0.5 * torch.randn_like(p))
-    model.dar.implementation = "op"  # each routed point gets its sources as a tuple, so one can be changed
     return model
 
 

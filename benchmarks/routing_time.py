@@ -3,13 +3,14 @@
 On a shared machine whole-step ratios move by a few percent from run to run, more than a change of the
 routing itself is worth. The profiler's time inside the routing's autograd functions (forward and
 backward of the source bank) moves far less, so this script is what measures such a change: one patched
-model, one setting after the other, interleaved for a few rounds, minimum and median per setting.
+model per setting (the same weights), one after the other, interleaved for a few rounds, minimum and
+median per setting.
 
     python benchmarks/routing_time.py --layers 24 --mode delta --knob lookahead --values 0 4 --rounds 3
     python benchmarks/routing_time.py --layers 24 --mode delta --knob defer_from --values 16 1000 --rounds 3
 
-``--knob`` names a tuning attribute of :class:`lit_dar.routing.DepthRouter` (``lookahead``, ``defer_from``,
-``lookahead_tokens``); every value is one setting.
+``--knob`` names a setting of :class:`lit_dar.backends.BankBackend` (``lookahead``, ``defer_from``,
+``lookahead_tokens``); every value is one setting, the others keep their defaults.
 """
 
 from __future__ import annotations
@@ -25,8 +26,11 @@ from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lit_dar.bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
-from lit_dar.routing import DepthRouter  # noqa: E402
+from litgpt import GPT  # noqa: E402
+
+from lit_dar import DARConfig, patch_model  # noqa: E402
+from lit_dar.backends import BankBackend  # noqa: E402
+from lit_dar.bench import BenchSettings, Trainer, _malloc_returns_memory, model_config, valid_num_blocks  # noqa: E402
 
 # the autograd functions of the bank path; the time of their forward and backward is routing's own
 ROUTING_FUNCTIONS = ("_BankRoute", "_GroupRoute", "_Emit")
@@ -55,19 +59,24 @@ def main(argv: list[str] | None = None) -> dict[int, dict]:
     args = p.parse_args(argv)
     settings = BenchSettings.quick(modes=(args.mode,)) if args.quick else BenchSettings(modes=(args.mode,))
     torch.set_num_threads(settings.threads)
-    trainer = build_trainers(settings, args.layers, torch.device(settings.device))[1][0]
-    routers = [m for m in trainer.model.modules() if isinstance(m, DepthRouter)]
-    if args.quick:  # tiny batches stay below the token count from which windows pay
-        for router in routers:
-            router.lookahead_tokens = 0
+    device = torch.device(settings.device)
+    config = model_config(settings, args.layers)
+    dar = DARConfig(mode=args.mode, num_blocks=valid_num_blocks(args.layers, settings.num_blocks))
+    trainers = {}
+    for v in args.values:
+        knobs = {"lookahead_tokens": 0} if args.quick else {}  # tiny batches stay below the windows' token count
+        knobs[args.knob] = v
+        torch.manual_seed(settings.seed)  # the same weights for every setting
+        with torch.device(device):
+            model = GPT(config)
+        patch_model(model, dar, backend=BankBackend(**knobs))
+        trainers[v] = Trainer(args.mode, model.train(), settings, device)
     _malloc_returns_memory(False)  # reuse freed blocks, as in the benchmark's timing phase
     results: dict[int, list] = {v: [] for v in args.values}
     for _ in range(args.rounds):
         for v in args.values:
-            for router in routers:
-                setattr(router, args.knob, v)
-            trainer.step()  # warm-up with this setting
-            results[v].append(routing_ms(trainer.step))
+            trainers[v].step()  # warm-up with this setting
+            results[v].append(routing_ms(trainers[v].step))
     report = {}
     for v, runs in results.items():
         totals = [t for t, _ in runs]

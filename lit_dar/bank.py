@@ -1,9 +1,9 @@
 """The fast path of the routing: one token-major source bank per forward, and its autograd functions.
 
-:mod:`lit_dar.routing` holds the definition (``depth_attention``), the plans and the router; this module
-holds how the router computes it quickly in eager mode. Its public surface is what the router calls:
-:class:`SourceBank` (one per forward), :class:`BufferPool` (one per router), :func:`emit`,
-:func:`bank_input` and :func:`group_input`. Pure torch, like the rest of the routing math.
+:mod:`lit_dar.routing` holds the plans and the router, :mod:`lit_dar.backends` the backends; this module
+holds how :class:`~lit_dar.backends.BankBackend` computes the routing quickly in eager mode. Its public
+surface is what that backend calls: :class:`SourceBank` (one per forward), :class:`BufferPool` (one per
+router), :func:`emit`, :func:`bank_input` and :func:`group_input`. Pure torch, like the rest of the routing math.
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ _NULL_CONTEXT = nullcontext()
 def window_size(n: int, limit: int) -> int:
     """How many routed points (or sources) share one product over a common prefix of ``n`` sources (or
     readers); 0: none. A window of ``K`` costs each of its points ``n/K`` of the prefix plus about ``K/2`` newer
-    sources of its own, which is least at ``K ≈ √(2n)`` (at L 24, up to 8 instead of 4 took routing from
-    384 to 355 ms per step, 12 cost more again; docs/performance.md); below ``n = 2K`` the ``K`` rows written cost what is saved."""
+    sources of its own, which is least at ``K ≈ √(2n)``; below ``n = 2K`` the ``K`` rows written cost what is
+    saved."""
     k = min(limit, math.isqrt(2 * n))
     return k if k >= 2 and n >= 2 * k else 0
 
@@ -69,17 +69,17 @@ def _autocast_on(device: torch.device) -> bool:
 
 
 def no_autocast(device: torch.device):
-    """Turn autocast off, only where it is on: the routing math is fp32 (entering a context costs µs a token)."""
+    """Turn autocast off, only where it is on: the routing math is fp32 (entering a context is
+    not free for a decoded token)."""
     return torch.autocast(device.type, enabled=False) if _autocast_on(device) else _NULL_CONTEXT
 
 
 class BufferPool:
     """Spare bank buffers, reused by the next forward.
 
-    A bank is tens of MB (Delta at d 512, L 12 and 1024 tokens: 52 MB of sources, as much again for their
-    gradients). Allocated fresh on every step, blocks that large are mapped and unmapped by the CPU
-    allocator each time, and the first touch of every page faults, which cost about as much as the
-    routing itself. A bank gives its buffers back when it is deleted, i.e. when its autograd graph is
+    A bank holds every source of a forward, and as much again for their gradients. Allocated fresh on every
+    step, blocks that large are mapped and unmapped by the CPU allocator each time, and the first touch of
+    every page faults. A bank gives its buffers back when it is deleted, i.e. when its autograd graph is
     freed; while a graph lives (``retain_graph``, several forwards before a backward) its buffers stay
     with it.
     """
@@ -127,7 +127,9 @@ class SourceBank:
     """The completed sources of one forward, token-major, with their inverse RMS and gradient buffers."""
 
     def __init__(self, x0: Tensor, capacity: int, queries: Tensor, eps: float, pool: BufferPool | None = None,
-                 first_readers: tuple[int, ...] | None = None, lookahead: int = 0) -> None:
+                 first_readers: tuple[int, ...] | None = None, lookahead: int = 0,
+                 windows: tuple[tuple[int, int, int] | None, ...] = (), defer_from: int = 0,
+                 gate: Tensor | None = None, window_gates: Tensor | None = None) -> None:
         D = x0.shape[-1]
         dtype = compute_dtype(x0.dtype)
         self.shape, self.out_dtype, self.eps = x0.shape, x0.dtype, eps
@@ -151,7 +153,7 @@ class SourceBank:
         # points of a group or a window whose dα over their ``n`` shared sources waits for one product (first
         # point k0 → (n, the points whose gradients are in)); run before the first of those sources is released
         self.deferred: dict[int, tuple[int, set[int]]] = {}
-        self.gate: Tensor | None = None  # the router's gate parameter when groups route with it (see _Emit)
+        self.gate = gate  # the router's gate parameter when groups route with it (see _Emit)
         # with grad, writes go through aliases: the saved ``values`` must not see its version bumped (see above)
         grad = torch.is_grad_enabled()
         self._values, self._inv_rms, self._logits = (
@@ -163,21 +165,21 @@ class SourceBank:
         # logits are computed only for the routed points that can read a source (Delta: half of them)
         self.first_readers = first_readers or (0,) * capacity
         # windows of up to ``lookahead`` sources whose value gradients come from one product (_value_ahead),
-        # and (``windows``, set by the router) of routed points whose mixtures do (window_input); 0: none
+        # and (``windows``) of routed points whose mixtures do (window_input); 0: none
         self.lookahead = lookahead
         # the largest window: window_size of at most this many sources or readers (a bound; it is not monotone)
         self.window_rows = max(1, min(lookahead, math.isqrt(2 * max(capacity, queries.shape[0]))))
         self._ahead: tuple[int, int, set[int], Tensor] | None = None
         self._ahead_buffer: Tensor | None = None
         # per routed point its window (k0, k1, n0): points [k0, k1) whose first n0 sources go through one
-        # product forward (window_input) and two backward (window_backward, _deferred_grads); set by the router
-        self.windows: tuple[tuple[int, int, int] | None, ...] = ()
-        self.window_gates: Tensor | None = None  # every routed point's gate (detached), for a window's product
+        # product forward (window_input) and two backward (window_backward, _deferred_grads)
+        self.windows = windows
+        self.window_gates = window_gates  # every routed point's gate (detached), for a window's product
         self._mix: tuple[int, int, Tensor] | None = None
         self._mix_buffer: Tensor | None = None
         self._prefix: tuple[int, Tensor] | None = None  # backward: the prefix mixtures of window k0
         self._prefix_buffer: Tensor | None = None
-        self.defer_from = 0  # with ``windows``, the prefix length from which a window defers its dα (defers)
+        self.defer_from = defer_from  # with ``windows``, the prefix length from which a window defers its dα
         self.e: Tensor | None = None  # (lead, R): e_k = g_k · Σ_i α_ki u_i, of windowed points
 
     def write(self, i: int, u: Tensor) -> None:
@@ -304,9 +306,9 @@ class SourceBank:
 
     def defers(self, k: int) -> bool:
         """Whether routed point ``k``'s backward goes through its window (:meth:`window_backward`): where the
-        shared prefix is long (``n0 ≥ defer_from``; the router sets 16). A point then reads ``2/K`` of the prefix
-        instead of all of it, but still makes a few small products of its own (about the cost of reading 6
-        sources here): ``n0·(1 − 2/K) > 6`` pays from ``n0 ≈ 12`` whatever the window's size."""
+        shared prefix is long (``n0 ≥ defer_from``, a setting of :class:`~lit_dar.backends.BankBackend`). A point
+        then reads ``2/K`` of the prefix instead of all of it, but still makes a few small products of its own,
+        which a short prefix does not repay."""
         window = self.windows[k] if k < len(self.windows) else None
         return window is not None and window[2] >= self.defer_from
 

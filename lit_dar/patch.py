@@ -2,8 +2,9 @@
 
 ``patch_model(model, DARConfig(...))`` adds one ``dar`` module — the residual rule, a
 :class:`~lit_dar.rule.ResidualRule`: a :class:`~lit_dar.routing.DepthRouter`, or a
-:class:`~lit_dar.ddl.DeepDeltaRule` for ``mode="ddl"`` — to an existing model and swaps the classes of the model and its blocks for thin subclasses whose
-forward threads the routing state through the layers. The model stays a ``litgpt.GPT`` and its blocks
+:class:`~lit_dar.ddl.DeepDeltaRule` for ``mode="ddl"`` — to an existing model and swaps the classes
+of the model and its blocks for thin subclasses whose forward threads the routing state through the
+layers. The model stays a ``litgpt.GPT`` and its blocks
 stay ``litgpt.model.Block`` instances, so FSDP wrap policies, activation checkpointing, generation
 and LitGPT's utilities keep working; every block is still called as a module, so FSDP's hooks fire.
 """
@@ -24,6 +25,7 @@ from litgpt.model import GPT, Block, batched_index_select, do_softcapping
 from litgpt.utils import save_config
 from torch import Tensor
 
+from lit_dar.backends import RoutingBackend
 from lit_dar.config import DARConfig
 from lit_dar.ddl import DDL_MODE, DeepDeltaRule
 from lit_dar.routing import MODES, DepthRouter, RoutingPlan
@@ -185,15 +187,17 @@ def is_patched(model: nn.Module) -> bool:
     return isinstance(model, DARGPTMixin)
 
 
-def _depth_router(model: GPT, config: DARConfig) -> DepthRouter:
+def _depth_router(model: GPT, config: DARConfig, backend: RoutingBackend | None) -> DepthRouter:
     plan = RoutingPlan.for_mode(config.mode, model.config.n_layer, config.num_blocks, model.config.parallel_residual)
     return DepthRouter(
         plan, model.config.n_embd, gate=config.gate == "scalar", null_source=config.null_source, eps=config.eps,
-        device=model.transformer.wte.weight.device,
+        backend=backend, device=model.transformer.wte.weight.device,
     )
 
 
-def _deep_delta_rule(model: GPT, config: DARConfig) -> DeepDeltaRule:
+def _deep_delta_rule(model: GPT, config: DARConfig, backend: RoutingBackend | None) -> DeepDeltaRule:
+    if backend is not None:
+        raise ValueError(f"A routing backend ({backend!r}) is only used by depth routing, not by mode='ddl'.")
     return DeepDeltaRule(
         model.config.n_layer, model.config.n_embd, model.config.parallel_residual, value=config.ddl_value,
         value_init=config.ddl_value_init, beta_init=config.ddl_beta_init, eps=config.eps,
@@ -202,7 +206,7 @@ def _deep_delta_rule(model: GPT, config: DARConfig) -> DeepDeltaRule:
 
 
 # mode -> the residual rule `model.dar` it installs: modes are data, the patched forward has no branches
-RULES: dict[str, Callable[[GPT, DARConfig], ResidualRule]] = {
+RULES: dict[str, Callable[[GPT, DARConfig, RoutingBackend | None], ResidualRule]] = {
     **dict.fromkeys(MODES, _depth_router),
     DDL_MODE: _deep_delta_rule,
 }
@@ -214,14 +218,22 @@ def check_config(model_config: Any, config: DARConfig) -> None:
         RoutingPlan.for_mode(config.mode, model_config.n_layer, config.num_blocks, model_config.parallel_residual)
 
 
-def patch_model(model: GPT, config: DARConfig) -> GPT:
+def patch_model(model: GPT, config: DARConfig, backend: RoutingBackend | None = None) -> GPT:
     """Turn ``model`` into a Delta Attention Residuals (or Deep Delta Learning) model in place and return it.
 
     Adds ``model.dar`` (all routing parameters, initialised for uniform routing and a closed gate; for
     ``ddl``, β = ``ddl_beta_init`` and v = ``ddl_value_init``) on the model's device and dtype — the meta
     device included, where ``reset_parameters`` materialises them.
-    Raises a ``TypeError``/``ValueError`` that names the fix for: something that is not a LitGPT GPT, a
-    model already patched, wrapped or sharded, and a block count the model cannot have.
+
+    Args:
+        model: a plain ``litgpt.GPT`` (or a subclass, e.g. LoRA's), not yet wrapped or sharded.
+        config: the DAR config; it travels in the state dict as ``dar._extra_state``.
+        backend: how depth routing computes its routed points (:mod:`lit_dar.backends`); ``None``: the default
+            :class:`~lit_dar.backends.BankBackend`. Not used by ``ddl``.
+
+    Raises:
+        TypeError, ValueError: naming the fix, for something that is not a LitGPT GPT, a model already
+            patched, wrapped or sharded, a block count the model cannot have, and a backend for ``ddl``.
     """
     if not isinstance(config, DARConfig):
         raise TypeError(f"patch_model expects a lit_dar.DARConfig, got {type(config).__name__}.")
@@ -237,7 +249,7 @@ def patch_model(model: GPT, config: DARConfig) -> GPT:
             "patch it with another config."
         )
     _check_unwrapped(model)
-    router = RULES[config.mode](model, config).to(model.transformer.wte.weight.dtype)
+    router = RULES[config.mode](model, config, backend).to(model.transformer.wte.weight.dtype)
     router.config_dict = config.to_dict()  # travels in the state dict as `dar._extra_state`
     model.add_module(DAR_PREFIX, router)
     model.__class__ = _patched_class(type(model), DARGPTMixin)
@@ -258,11 +270,13 @@ def find_router(model: nn.Module) -> ResidualRule | None:
     return next((m for m in model.modules() if isinstance(m, ResidualRule)), None)
 
 
-def build_model(config: Any, dar: DARConfig | None = None, device: torch.device | str | None = None) -> GPT:
-    """A fresh ``litgpt.GPT`` for ``config`` (a ``litgpt.Config``), patched when ``dar`` is given."""
+def build_model(config: Any, dar: DARConfig | None = None, device: torch.device | str | None = None,
+                backend: RoutingBackend | None = None) -> GPT:
+    """A fresh ``litgpt.GPT`` for ``config`` (a ``litgpt.Config``), patched when ``dar`` is given (depth routing
+    with ``backend``, see :func:`patch_model`)."""
     with torch.device(device) if device is not None else nullcontext():
         model = GPT(config)
-    return model if dar is None else patch_model(model, dar)
+    return model if dar is None else patch_model(model, dar, backend)
 
 
 # --------------------------------------------------------------------------------------------------

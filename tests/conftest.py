@@ -53,13 +53,27 @@ def _deterministic() -> None:
     torch.manual_seed(1234)
 
 
-def patched_copy(base: GPT, dar) -> GPT:
-    """A fresh model with ``base``'s weights, patched with ``dar`` (``base`` stays unpatched)."""
+def patched_copy(base: GPT, dar, backend=None) -> GPT:
+    """A fresh model with ``base``'s weights, patched with ``dar`` (``base`` stays unpatched); depth routing
+    computed by ``backend`` (``None``: the default)."""
     from lit_dar import patch_model
 
     model = GPT(base.config)
     model.load_state_dict(base.state_dict())
-    return patch_model(model, dar)
+    return patch_model(model, dar, backend=backend)
+
+
+def with_backend(model: GPT, backend) -> GPT:
+    """A copy of the patched ``model`` (config, weights, dtype, device, train/eval) whose router is built with
+    ``backend``. The global RNG is left as it was, so a test draws the same data with or without copies."""
+    from lit_dar import get_dar_config, patch_model
+
+    weight = model.transformer.wte.weight
+    with torch.random.fork_rng(devices=[]):
+        copy = GPT(model.config).to(device=weight.device, dtype=weight.dtype)
+    patch_model(copy, get_dar_config(model), backend=backend)
+    copy.load_state_dict(model.state_dict())
+    return copy.train(model.training)
 
 
 def assert_matches_reference(model: GPT, idx: torch.Tensor, reference) -> None:

@@ -341,6 +341,13 @@ def test_bad_config(kwargs: dict, match: str) -> None:
         DARConfig(**kwargs)
 
 
+def test_a_routing_backend_is_refused() -> None:
+    from lit_dar.backends import PlainBackend
+
+    with pytest.raises(ValueError, match="only used by depth routing, not by mode='ddl'"):
+        patch_model(tiny_gpt(), DARConfig(mode="ddl"), backend=PlainBackend())
+
+
 def test_mismatched_and_plain_checkpoints(tmp_path: Path) -> None:
     source = patch_model(tiny_gpt(), DARConfig(mode="ddl"))
     lit_dar.save_checkpoint(source, tmp_path / "ddl")

@@ -13,6 +13,7 @@ from litgpt.model import Block
 
 import lit_dar
 from lit_dar import DARConfig, patch_model
+from lit_dar.backends import PlainBackend
 from lit_dar.patch import DARBlock, DARGPT
 
 
@@ -208,11 +209,11 @@ def test_matches_reference_value_and_gradient(name: str, mode: str, null_source:
 
 def test_delta_block_sources_are_exact_block_deltas() -> None:
     """Source b of Delta Block is stream(end of block b) − stream(start of block b), not p(2b)−p(b)+p(0)."""
-    model = patched_copy(tiny_gpt(n_layer=6), DARConfig(mode="delta_block", num_blocks=3))
+    # the plain backend hands each routed point its sources explicitly (DepthRouter.route), so they can be
+    # inspected; the default bank backend computes the same values (test_matches_reference_value_and_gradient,
+    # test_bank)
+    model = patched_copy(tiny_gpt(n_layer=6), DARConfig(mode="delta_block", num_blocks=3), backend=PlainBackend())
     _randomize_routing(model)
-    # the per-call op path hands each routed point its sources explicitly, so they can be inspected; the
-    # default bank path computes the same values (test_matches_reference_value_and_gradient, test_perf_correctness)
-    model.dar.implementation = "op"
     streams, seen = [], {}
     for block in model.transformer.h:
         block.register_forward_hook(lambda m, args, out: streams.append(out[0].detach()))

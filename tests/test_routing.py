@@ -2,15 +2,10 @@ import math
 
 import pytest
 import torch
+from routing_reference import depth_attention, reference_depth_attention
 
-from lit_dar.routing import (
-    DepthRouter,
-    RoutingPlan,
-    depth_attention,
-    layers_per_block,
-    reference_depth_attention,
-    summarize_weights,
-)
+from lit_dar.backends import PlainBackend
+from lit_dar.routing import DepthRouter, RoutingPlan, layers_per_block, summarize_weights
 
 
 def _sources(n: int, shape=(2, 3, 8), dtype=torch.float64) -> list[torch.Tensor]:
@@ -23,10 +18,10 @@ def test_depth_attention_gradcheck(n: int) -> None:
     query = torch.randn(8, dtype=torch.float64, requires_grad=True)
     gain = (1 + 0.3 * torch.randn(8, dtype=torch.float64)).requires_grad_()
     # the op computes in fp32 by contract, so check it in float64 through its fp32-free core
-    from lit_dar import routing
+    import routing_reference
 
     def op(q, g, *u):
-        return routing._DepthAttention.apply(q * g, 1e-6, None, 0, *u)
+        return routing_reference._DepthAttention.apply(q * g, 1e-6, None, 0, *u)
 
     torch.autograd.gradcheck(op, (query, gain, *sources), eps=1e-6, atol=1e-5)
 
@@ -103,8 +98,8 @@ def test_lookahead_windows() -> None:
     """Runs of K ≈ √(2n) routed points (at most ``size``) share one product over their common n sources, where
     that prefix has at least 2K sources; grouped points (Delta Block) and plans with a visible partial sum
     get none."""
+    from lit_dar.backends import lookahead_windows, shared_source_groups
     from lit_dar.bank import SourceBank, window_size
-    from lit_dar.routing import _lookahead_windows, _shared_source_groups
 
     assert [window_size(n, 8) for n in (3, 4, 6, 9, 13, 18, 32, 50, 100)] == [0, 2, 3, 4, 5, 6, 8, 8, 8]
     assert window_size(100, 1) == 0 and window_size(100, 4) == 4
@@ -116,7 +111,7 @@ def test_lookahead_windows() -> None:
 
     def windows(mode, n_layer, parallel=False, size=2):
         plan = RoutingPlan.for_mode(mode, n_layer, 2, parallel)
-        return _lookahead_windows(plan, _shared_source_groups(plan), size)
+        return lookahead_windows(plan, shared_source_groups(plan), size)
 
     # Delta, L 3: routed point k reads k+1 sources; from 4 sources on, windows of two
     assert windows("delta", 3) == (None, None, None, (3, 5, 4), (3, 5, 4), None)
@@ -182,8 +177,7 @@ def test_plain_path_reads_a_source_once_per_routed_point() -> None:
 
     n_layer = 3
     plan = RoutingPlan.for_mode("delta", n_layer, 1, False)
-    router = DepthRouter(plan, 8, gate=False, null_source=False)
-    router.implementation = "autograd"
+    router = DepthRouter(plan, 8, gate=False, null_source=False, backend=PlainBackend())
     torch.nn.init.normal_(router.query)
     outputs = []
 
@@ -204,3 +198,22 @@ def test_plain_path_reads_a_source_once_per_routed_point() -> None:
         ops = sum(ptr in op for op in reads.storages)
         # its logits (a product and a norm), the stream adds it enters, and one mixture term per reader
         assert ops <= 4 + readers[i], (i, ops, readers[i])
+
+
+def test_backend_is_chosen_at_construction() -> None:
+    """A router binds its own copy of the backend it is given (one backend object can configure several routers),
+    and its settings reach each forward's bank through the bank's constructor."""
+    from lit_dar.backends import BankBackend
+
+    plan = RoutingPlan.for_mode("delta", 6, 1, False)
+    assert isinstance(DepthRouter(plan, 8, gate=False, null_source=False).backend, BankBackend)
+    backend = BankBackend(lookahead=3, lookahead_tokens=0, defer_from=8)
+    a, b = (DepthRouter(plan, 8, gate=True, null_source=False, backend=backend) for _ in range(2))
+    assert a.backend is not b.backend and a.backend.pool is not b.backend.pool
+    assert (a.backend.lookahead, a.backend.lookahead_tokens, a.backend.defer_from) == (3, 0, 8)
+    bank = a.start(torch.randn(2, 3, 8)).bank
+    assert bank.lookahead == 3 and bank.defer_from == 8 and bank.windows == a.backend.windows
+    assert any(w is not None for w in bank.windows) and bank.window_gates is not None
+    # below lookahead_tokens (decoding) no windows
+    bank = DepthRouter(plan, 8, gate=True, null_source=False).start(torch.randn(1, 1, 8)).bank
+    assert bank.lookahead == 0 and bank.windows == () and bank.defer_from == 0

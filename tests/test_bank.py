@@ -1,4 +1,4 @@
-"""The fast routing path (source bank) against the per-routed-point op and plain autograd."""
+"""The fast routing path (the source bank, ``BankBackend``) against the per-routed-point op and plain autograd."""
 
 from __future__ import annotations
 
@@ -6,15 +6,17 @@ import copy
 
 import pytest
 import torch
+from conftest import with_backend
 from litgpt import GPT, Config
+from routing_reference import OpBackend, reference_depth_attention
 
 from lit_dar import DARConfig, patch_model
-from lit_dar import bank as bank_module
-from lit_dar import routing
-from lit_dar.bank import SourceBank
+from lit_dar.backends import BankBackend, PlainBackend
+from lit_dar.bank import SourceBank, bank_input, emit
 
 MODES = ["delta", "delta_block", "attnres_full", "attnres_block"]
-IMPLS = ["bank", "op", "autograd"]
+BACKENDS = {"bank": BankBackend, "op": OpBackend, "autograd": PlainBackend}
+IMPLS = list(BACKENDS)
 
 
 def tiny(n_layer: int = 4, parallel: bool = False, **kw) -> Config:
@@ -34,8 +36,10 @@ def _randomize_routing(model: GPT, seed: int = 1) -> None:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5 + (1.0 if p is model.dar.key_gain else 0.0))
 
 
-def _grads(model: GPT, idx: torch.Tensor, impl: str, dtype=torch.float64) -> tuple[torch.Tensor, dict]:
-    model.dar.implementation = impl
+def _grads(model: GPT, idx: torch.Tensor, impl: str | None = None) -> tuple[torch.Tensor, dict]:
+    """Logits and gradients of ``model``, or of a copy of it whose router uses the backend named ``impl``."""
+    if impl is not None:
+        model = with_backend(model, BACKENDS[impl]())
     model.zero_grad(set_to_none=True)
     logits = model(idx)
     w = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3), dtype=logits.dtype)
@@ -62,10 +66,10 @@ def test_whole_model_gradients_equal_across_implementations(mode: str, parallel:
             torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=f"{impl} {name}")
 
 
-def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> dict[str, int]:
-    """Turn on the lookahead windows at any token count (and their deferred dα from a prefix of 8 sources, as
-    these models are shallow), and count how often they are used."""
-    model.dar.lookahead, model.dar.lookahead_tokens, model.dar.defer_from = size, 0, 8
+def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> tuple[GPT, dict[str, int]]:
+    """A copy of ``model`` with lookahead windows at any token count (and their deferred dα from a prefix of 8
+    sources, as these models are shallow), and the counts of how often windows are used."""
+    model = with_backend(model, BankBackend(lookahead=size, lookahead_tokens=0, defer_from=8))
     used = {"forward": 0, "direct": 0, "backward": 0, "deferred": 0}
     window_input, value_ahead = SourceBank.window_input, SourceBank._value_ahead
     deferred_grads = SourceBank._deferred_grads
@@ -87,7 +91,7 @@ def _windows_on(monkeypatch: pytest.MonkeyPatch, model: GPT, size: int = 2) -> d
     monkeypatch.setattr(SourceBank, "window_input", spy_input)
     monkeypatch.setattr(SourceBank, "_value_ahead", spy_ahead)
     monkeypatch.setattr(SourceBank, "_deferred_grads", spy_grads)
-    return used
+    return model, used
 
 
 @pytest.mark.parametrize("mode", ["delta", "delta_block", "attnres_full"])
@@ -105,8 +109,8 @@ def test_lookahead_windows_give_the_same_gradients(
     _randomize_routing(model)
     idx = torch.randint(0, 64, (2, 7))
     ref_out, ref = _grads(model, idx, "autograd")
-    used = _windows_on(monkeypatch, model, size)
-    out, grads = _grads(model, idx, "bank")
+    model, used = _windows_on(monkeypatch, model, size)
+    out, grads = _grads(model, idx)
     torch.testing.assert_close(out, ref_out, rtol=1e-9, atol=1e-10)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-8, atol=1e-10, msg=name)
@@ -115,18 +119,18 @@ def test_lookahead_windows_give_the_same_gradients(
     windowed = mode != "delta_block" and not (parallel and mode == "delta")
     assert (used["forward"] > 0) == windowed
     # a window's backward defers its prefix's dα where that prefix has at least ``defer_from`` sources
-    windows = {w for w in model.dar._windows() if w is not None}
-    deferring = {w for w in windows if w[2] >= model.dar.defer_from}
+    windows = {w for w in model.dar.backend.windows if w is not None}
+    deferring = {w for w in windows if w[2] >= model.dar.backend.defer_from}
     if size == 8 and windowed:
         assert len({w[1] - w[0] for w in windows}) > 1  # windows of more than one size
     assert used["deferred"] == len(deferring) and (len(deferring) > 0) == windowed
 
 
 def _bank_route(sources, q, pre=None, post=None, stream=None, gate=None, eps=1e-6):
-    """One routed point over ``sources`` through the bank path (as the router runs it)."""
+    """One routed point over ``sources`` through the bank path (as the bank backend runs it)."""
     bank = SourceBank(sources[0], len(sources), q.unsqueeze(0), eps)
-    tokens = [bank_module._Emit.apply(bank, i, u, q.unsqueeze(0), None) for i, u in enumerate(sources)]
-    return bank_module._BankRoute.apply(q, bank, len(sources), 0, pre, post, stream, gate, None, *tokens)
+    tokens = tuple(emit(bank, i, u, q.unsqueeze(0)) for i, u in enumerate(sources))
+    return bank_input(bank, 0, len(sources), q, pre, post, stream, gate, None, tokens)
 
 
 @pytest.mark.parametrize("n", [1, 3])
@@ -156,7 +160,7 @@ def test_bank_route_matches_reference_and_op() -> None:
     query = torch.randn(16, requires_grad=True)
     gain = (1 + 0.3 * torch.randn(16)).requires_grad_()
     grad = torch.randn(2, 5, 16)
-    ref = routing.reference_depth_attention(sources, query, gain)
+    ref = reference_depth_attention(sources, query, gain)
     ref_grads = torch.autograd.grad(ref, [query, gain, *sources], grad)
     out = _bank_route(sources, query * gain)
     grads = torch.autograd.grad(out, [query, gain, *sources], grad)
@@ -191,7 +195,7 @@ def test_kv_cache_decode_matches_full_forward(mode: str, windows: bool, monkeypa
     windows (which a null source turns off) at every token count, decoded tokens included."""
     model = _model(mode, null_source=not windows, n_layer=6 if windows else 4).eval()
     _randomize_routing(model)
-    used = _windows_on(monkeypatch, model) if windows else {"forward": 0}
+    model, used = _windows_on(monkeypatch, model) if windows else (model, {"forward": 0})
     idx = torch.randint(0, 64, (3, 10))
     with torch.no_grad():
         full = model(idx)
@@ -216,7 +220,7 @@ def test_forward_without_grad_matches_training_forward(
     patch_model(model, DARConfig(mode=mode, num_blocks=2, gate="scalar"))
     _randomize_routing(model)
     if windows:
-        _windows_on(monkeypatch, model)
+        model, _ = _windows_on(monkeypatch, model)
     model.dar.record_stats = True
     idx = torch.randint(0, 64, (2, 7))
     out, weights = model(idx), model.dar.last_weights
@@ -236,8 +240,7 @@ def test_forward_without_grad_follows_parameter_updates() -> None:
         before = model(idx)
         model.dar.query.mul_(-2.0)  # in place, like an optimizer step
         after = model(idx)
-        model.dar.implementation = "autograd"
-        expected = model(idx)
+        expected = with_backend(model, PlainBackend())(idx)
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(after, before)
 
@@ -257,13 +260,13 @@ def test_activation_checkpointing_gradients(
     model = _model(mode, dtype=torch.float64, gate=gate, n_layer=6 if windows else 4)
     _randomize_routing(model)
     idx = torch.randint(0, 64, (2, 7))
-    _, ref = _grads(model, idx, "autograd" if windows else "bank")
+    _, ref = _grads(model, idx, "autograd" if windows else None)
     if windows:
-        used = _windows_on(monkeypatch, model)
+        model, used = _windows_on(monkeypatch, model)
     for block in model.transformer.h[::every]:
         forward = block.forward
         block.forward = lambda *a, _f=forward, **k: checkpoint(_f, *a, use_reentrant=False, **k)
-    _, got = _grads(model, idx, "bank")
+    _, got = _grads(model, idx)
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-10, atol=1e-12, msg=name)
     if windows:  # both: points mixed through their window, and replayed points whose window was gone
@@ -275,7 +278,7 @@ def test_retain_graph_second_backward(mode: str, windows: bool, monkeypatch: pyt
     """A second backward through a retained graph starts afresh (bank gradients, window sums)."""
     model = _model(mode, dtype=torch.float64, n_layer=6 if windows else 4)
     _randomize_routing(model)
-    used = _windows_on(monkeypatch, model) if windows else {}
+    model, used = _windows_on(monkeypatch, model) if windows else (model, {})
     out = model(torch.randint(0, 64, (2, 5))).sum()
     first = torch.autograd.grad(out, list(model.parameters()), retain_graph=True)
     second = torch.autograd.grad(out, list(model.parameters()), grad_outputs=torch.tensor(3.0, dtype=out.dtype))
@@ -291,17 +294,16 @@ def test_loss_inside_a_block_leaves_later_points_without_gradient(mode: str, mon
     products then cover only the points whose gradients came in. Gradients equal plain autograd's."""
     model = _model(mode, dtype=torch.float64, gate="scalar", n_layer=8)
     _randomize_routing(model)
-    used = _windows_on(monkeypatch, model)
+    model, used = _windows_on(monkeypatch, model)
     idx = torch.randint(0, 64, (2, 7))
     captured = []
-    model.transformer.h[5].register_forward_hook(lambda m, args, out: captured.append(out[0]))  # (stream, state)
     grads = {}
-    for impl in ("autograd", "bank"):
-        model.dar.implementation = impl
+    for impl, m in (("autograd", with_backend(model, PlainBackend())), ("bank", model)):
+        m.transformer.h[5].register_forward_hook(lambda m, args, out: captured.append(out[0]))  # (stream, state)
         captured.clear()
-        model(idx)
+        m(idx)
         loss = captured[0].square().sum()
-        grads[impl] = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, materialize_grads=True)
+        grads[impl] = torch.autograd.grad(loss, list(m.parameters()), allow_unused=True, materialize_grads=True)
     for a, b in zip(grads["autograd"], grads["bank"]):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
     assert mode == "delta_block" or used["deferred"] > 0
@@ -313,7 +315,7 @@ def test_second_backward_does_not_reuse_a_stale_window(monkeypatch: pytest.Monke
     L 3 (K 2) that window covers the first source the second backward windows: it must be recomputed."""
     model = _model("delta", dtype=torch.float64, gate="scalar", n_layer=3)
     _randomize_routing(model)
-    used = _windows_on(monkeypatch, model)
+    model, used = _windows_on(monkeypatch, model)
     for p in (*model.dar.parameters(), *model.transformer.wte.parameters()):
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -343,7 +345,7 @@ def test_bank_buffers_are_reused_only_once_their_graph_is_freed() -> None:
     for x, y in zip(grads(a, b), separately):
         torch.testing.assert_close(x, y)
 
-    pool = model.dar._pool
+    pool = model.dar.backend.pool
     assert pool._free, "a freed bank's buffers wait in the pool"
     spare = {t.data_ptr() for groups in pool._free.values() for ts in groups for t in ts}
     state = model.dar.start(torch.randn(2, 5, model.config.n_embd, dtype=torch.float64))
@@ -358,9 +360,9 @@ def test_bf16_autocast_routing_in_fp32() -> None:
     idx = torch.randint(0, 64, (2, 6))
     outs = {}
     for impl in IMPLS:
-        model.dar.implementation = impl
+        m = with_backend(model, BACKENDS[impl]())
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            outs[impl] = model(idx).float()
+            outs[impl] = m(idx).float()
         outs[impl].sum().backward()
     torch.testing.assert_close(outs["bank"], outs["autograd"], rtol=2e-2, atol=2e-2)
 
@@ -371,7 +373,7 @@ def test_every_implementation_routes_in_fp32_under_autocast(impl: str) -> None:
     their fp32 result: their products are not cast down."""
     model = _model("delta", null_source=True)
     _randomize_routing(model)
-    model.dar.implementation = impl
+    model = with_backend(model, BACKENDS[impl]())
     sources = tuple(torch.randn(2, 5, 16) for _ in range(3))
     ref = model.dar.route(3, sources)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -396,13 +398,13 @@ def test_meta_device_and_stats() -> None:
 
     model = _model("attnres_block", null_source=True)
     _randomize_routing(model)
-    model.dar.record_stats = True
     idx = torch.randint(0, 64, (2, 5))
     weights = {}
     for impl in IMPLS:
-        model.dar.implementation = impl
-        model(idx)
-        weights[impl] = model.dar.last_weights
+        m = with_backend(model, BACKENDS[impl]())
+        m.dar.record_stats = True
+        m(idx)
+        weights[impl] = m.dar.last_weights
     assert [w.shape for w in weights["bank"]] == [w.shape for w in weights["autograd"]]
     for a, b in zip(weights["bank"], weights["autograd"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -421,8 +423,7 @@ def test_saved_for_backward_is_the_sources(impl: str) -> None:
         torch.manual_seed(0)
         model = GPT(tiny(n_layer=L))
         if name == "delta":
-            patch_model(model, DARConfig(mode="delta"))
-            model.dar.implementation = impl
+            patch_model(model, DARConfig(mode="delta"), backend=BACKENDS[impl]())
         trainer = Trainer(name, model, settings, torch.device("cpu"))
         trainer.idx = torch.randint(0, 64, (2, 16))
         trainer.targets = torch.randint(0, 64, (2, 16))
@@ -530,13 +531,12 @@ def test_bf16_training_and_decoding_on_gpu(mode: str) -> None:
     idx = torch.randint(0, 64, (2, 10), device="cuda")
     outs, grads = {}, {}
     for impl in ("autograd", "bank"):
-        model.dar.implementation = impl
-        model.zero_grad(set_to_none=True)
+        m = with_backend(model, BACKENDS[impl]())
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs[impl] = model(idx).float()
+            outs[impl] = m(idx).float()
         outs[impl].square().mean().backward()
-        grads[impl] = model.dar.query.grad.clone()
-        assert model.dar.query.grad.dtype == torch.float32
+        grads[impl] = m.dar.query.grad.clone()
+        assert m.dar.query.grad.dtype == torch.float32
     torch.testing.assert_close(outs["bank"], outs["autograd"], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(grads["bank"], grads["autograd"], rtol=5e-2, atol=5e-3)
 
