@@ -152,7 +152,8 @@ class DeltaAttnResCallback(Callback):
             _check_unwrapped(gpt)
         except (TypeError, ValueError) as err:
             reason = str(err).split(". ")[0]  # what is wrapped; the fix is ours to tell
-            raise ValueError(f"DeltaAttnResCallback cannot patch the GPT at {name!r}: {reason}. {_SHARDED_HINT}") from None
+            message = f"DeltaAttnResCallback cannot patch the GPT at {name!r}: {reason}. {_SHARDED_HINT}"
+            raise ValueError(message) from None
         check_config(gpt.config, self.dar_config)
 
     def _patch(self, gpt: GPT) -> None:

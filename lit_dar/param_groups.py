@@ -56,7 +56,9 @@ def routing_param_groups(
     base = [p for n, p in model.named_parameters() if p.requires_grad and id(p) not in routing_ids]
     groups = [{"params": base, **base_group}] if base else []
     if routing:
-        groups.append({"params": routing, "lr": routing_lr, "weight_decay": routing_weight_decay, "name": ROUTING_GROUP})
+        groups.append(
+            {"params": routing, "lr": routing_lr, "weight_decay": routing_weight_decay, "name": ROUTING_GROUP}
+        )
     return groups
 
 
@@ -240,4 +242,6 @@ def _update_last_lr(scheduler: Any, update: Callable[[list[Any]], list[Any]]) ->
         scheduler.load_state_dict({**state, "_last_lr": update(list(state["_last_lr"]))})
 
 
-__all__ = ["ROUTING_GROUP", "check_exactly_once", "place_routing_parameters", "routing_group_lr", "routing_param_groups"]
+__all__ = [
+    "ROUTING_GROUP", "check_exactly_once", "place_routing_parameters", "routing_group_lr", "routing_param_groups",
+]

@@ -74,7 +74,8 @@ def test_deep_delta_learning_logs_its_own_statistics(tmp_path: Path) -> None:
     module = lit_module()
     make_trainer(tmp_path, [callback], max_steps=4, logger=logger).fit(module, train_loader())
     assert get_dar_config(module.model).mode == "ddl"
-    rows = [r for r in csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()) if r.get("dar/beta_mean")]
+    rows = csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open())
+    rows = [r for r in rows if r.get("dar/beta_mean")]
     assert len(rows) == 2
     for row in rows:
         assert 0 < float(row["dar/beta_mean"]) < 2 and float(row["dar/residual_mean"]) >= 0
