@@ -8,7 +8,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from test_callback import DAR, EagerModule, lit_module, make_trainer, train_loader
