@@ -138,6 +138,7 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
     from lit_dar.callback import DeltaAttnResCallback
+    from lit_dar.monitor import RoutingMonitor
     from lit_dar.module import LitGPTModule, convert_lightning_checkpoint, throughput_monitor
 
     started = time.perf_counter()
@@ -203,9 +204,11 @@ def fit(spec: RunSpec) -> dict[str, Any]:
         callbacks.append(TQDMProgressBar())
     if spec.dar is not None:
         r = spec.routing
+        monitor = RoutingMonitor(log_interval=r.log_interval, image_interval=r.image_interval,
+                                 collapse_threshold=r.collapse_threshold)
         callbacks.append(DeltaAttnResCallback(
             spec.dar, routing_lr=r.lr or opt["lr"], routing_weight_decay=r.weight_decay, freeze_base=r.freeze_base,
-            log_interval=r.log_interval, image_interval=r.image_interval, collapse_threshold=r.collapse_threshold,
+            monitor=monitor,
         ))
     logger_cls = TensorBoardLogger if spec.logger_name == "tensorboard" else CSVLogger
     logger = logger_cls(save_dir=str(spec.out_dir), name="logs", version="")
