@@ -193,6 +193,7 @@ def prepare_data(data: Any) -> None:
     except Exception as err:  # downloads: requests, urllib and huggingface_hub each raise their own errors
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise UsageError(
-            f"data {name} could not be prepared here ({type(err).__name__}: {reason}). Prepare it once on a machine "
-            "with network access (see docs/recipes.md, 'Data') and copy its data_path here."
+            f"data {name} could not be prepared here ({type(err).__name__}: {reason}). Prepare it once on a "
+            "machine with network access (docs/recipes.md, 'Data for the paper-scale recipes'), then copy its "
+            "data_path here."
         ) from None
