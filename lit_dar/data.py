@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch import distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -135,9 +137,6 @@ def train_tokenizer(
     and 1 (``<|startoftext|>``, bos). ``add_bos_token`` is true so ``Tokenizer.encode`` prepends
     bos by default, like the documents seen in pretraining (`encode_documents`).
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
         raise ValueError(f"vocab_size must be at least {len(alphabet) + 2} (256 bytes + 2 special tokens).")

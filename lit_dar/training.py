@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
+from litgpt.model import Block
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 StrategyName = Literal["auto", "ddp", "fsdp", "fsdp2"]
@@ -67,8 +68,6 @@ def build_strategy(
     * ``fsdp2``: ``ModelParallelStrategy`` — FSDP2 ``fully_shard`` per ``Block`` (done by
       ``LitGPTModule.configure_model``), distributed checkpoints; runs on CPU with gloo too.
     """
-    from litgpt.model import Block
-
     accelerator, _ = accelerator_devices()
     cpu_backend = {"process_group_backend": "gloo"} if accelerator == "cpu" else {}
     world = devices * num_nodes
