@@ -338,8 +338,8 @@ def study() -> None:
     """
 
 
-def run_script(name: str, argv: list[str]) -> Any:
-    """Run ``benchmarks/bench.py`` or ``experiments/study.py`` of the checkout this package is imported from."""
+def lab_script(name: str) -> Any:
+    """``benchmarks/bench.py`` or ``experiments/study.py`` of the checkout this package is imported from."""
     path = SCRIPTS[name]
     if not path.is_file():
         raise UsageError(f"`lit-dar {name}` runs {path.relative_to(CHECKOUT)} of a source checkout, which this install "
@@ -347,7 +347,7 @@ def run_script(name: str, argv: list[str]) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     script = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
     spec.loader.exec_module(script)
-    return script.main(argv) if name == "bench" else CLI(script.study, args=argv, prog="lit-dar study")
+    return script
 
 
 def commands() -> dict[str, Any]:
@@ -383,9 +383,8 @@ def run(argv: list[str] | None = None) -> Any:
     set_docstring_parse_options(attribute_docstrings=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in SCRIPTS:  # lab scripts with their own options; only a missing checkout is ours
-        if not SCRIPTS[argv[0]].is_file():
-            _report_usage_errors(argv, lambda: run_script(argv[0], argv[1:]))
-        return run_script(argv[0], argv[1:])
+        script = _report_usage_errors(argv, lambda: lab_script(argv[0]))
+        return script.main(argv[1:]) if argv[0] == "bench" else CLI(script.study, args=argv[1:], prog="lit-dar study")
     if argv[:1] and argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
         argv[1:2] = [f"--{POSITIONAL[argv[0]]}", argv[1]]
     return _report_usage_errors(argv, lambda: _parse_and_run(argv))

@@ -41,8 +41,9 @@ def small_config(
                       mlp_class_name="LLaMAMLP", **size)
         return Config(**{**kwargs, **overrides})
     arch = Config.from_name(base)
-    if n_query_groups is None:
-        n_query_groups = 1 if arch.n_query_groups == 1 else (n_head if arch.n_query_groups == arch.n_head else n_head // 2)
+    if n_query_groups is None:  # the base's kind of attention: multi-query, multi-head or grouped
+        mha = arch.n_query_groups == arch.n_head
+        n_query_groups = 1 if arch.n_query_groups == 1 else (n_head if mha else n_head // 2)
     kwargs = dict(n_query_groups=n_query_groups, **size)
     if arch.n_expert:
         kwargs.update(n_expert=4, n_expert_per_token=2)

@@ -31,15 +31,14 @@ from lit_dar.preflight import (
 )
 from lit_dar.recipe import RunSpec
 from lit_dar.report import routing_report
+from lit_dar.sampling import EvenShards, resumable_loader
 from lit_dar.training import (
-    EvenShards,
     UsageError,
     accelerator_devices,
     build_strategy,
     check_out_dir,
     find_resume_checkpoint,
     resolve_devices,
-    resumable_loader,
     start_out_dir,
 )
 
@@ -47,7 +46,7 @@ from lit_dar.training import (
 class ResumableData(L.LightningDataModule):
     """A LitGPT data module whose training order is a function of (seed, step, rank), so resuming is exact.
 
-    Map-style datasets get a :class:`~lit_dar.training.StepSampler` that starts at the restored
+    Map-style datasets get a :class:`~lit_dar.sampling.StepSampler` that starts at the restored
     ``global_step``; validation is split into equal shards per rank. Streaming (iterable) datasets keep
     their own loaders.
     """
