@@ -24,8 +24,9 @@ import torch
 from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this script
 
-from lit_dar.bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
+from bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
 from lit_dar.routing import DepthRouter  # noqa: E402
 
 # the autograd functions of the bank path; the time of their forward and backward is routing's own

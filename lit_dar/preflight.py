@@ -16,6 +16,7 @@ from litgpt import Config
 from litgpt.args import EvalArgs, TrainArgs
 
 from lit_dar.config import DARConfig
+from lit_dar.module import read_lightning_checkpoint
 from lit_dar.training import UsageError
 
 ADAMW_DEFAULTS: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
@@ -138,8 +139,6 @@ def check_resume_checkpoint(path: Path, config: Config, dar: DARConfig | None) -
     Raises:
         UsageError: a corrupt file, or another architecture or DAR config than the run's.
     """
-    from lit_dar.module import read_lightning_checkpoint
-
     checkpoint = read_lightning_checkpoint(path)
     saved = checkpoint.get("model_config")
     if saved is not None and _config_fields(saved) != _config_fields(asdict(config)):
