@@ -10,15 +10,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
-from jsonargparse import CLI, ArgumentError, set_docstring_parse_options
+from jsonargparse import CLI, ArgumentError, set_parsing_settings
 from litgpt import Config, Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
@@ -32,7 +30,8 @@ from lit_dar.patch import get_dar_config, load_model
 from lit_dar.recipe import FINETUNE_DAR, TINY_MODEL, RoutingArgs, RunSpec
 from lit_dar.report import routing_report
 from lit_dar.run import fit
-from lit_dar.training import StrategyName, UsageError
+from lit_dar.training import StrategyName
+from lit_dar.usage import UsageError, check_config_files, explain
 
 # --------------------------------------------------------------------------------------------------
 # pretrain / finetune
@@ -387,11 +386,6 @@ def commands() -> dict[str, Any]:
     }
 
 
-# The first argument of these commands may be given positionally, as LitGPT's own commands take it.
-POSITIONAL = {"pretrain": "model_name", "finetune": "checkpoint_dir", "generate": "checkpoint_dir",
-              "evaluate": "checkpoint_dir", "routing": "checkpoint_dir"}
-
-
 def main(argv: list[str] | None = None) -> None:
     """The ``lit-dar`` console script (returns nothing: a console script's return value becomes its exit status)."""
     run(argv)
@@ -403,18 +397,18 @@ def run(argv: list[str] | None = None) -> Any:
     Bad input ends with one line that names the fix and exit code 2, not a traceback; ``LIT_DAR_DEBUG=1``
     shows the traceback instead.
     """
-    set_docstring_parse_options(attribute_docstrings=True)
+    # attribute docstrings document the dataclass fields; a command's first argument may come without its flag,
+    # as LitGPT's own commands take it (`lit-dar finetune checkpoints/…`)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, parse_optionals_as_positionals=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in SCRIPTS:  # lab scripts with their own options; only a missing checkout is ours
         script = _report_usage_errors(argv, lambda: lab_script(argv[0]))
         return script.main(argv[1:]) if argv[0] == "bench" else CLI(script.study, args=argv[1:], prog="lit-dar study")
-    if argv[:1] and argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
-        argv[1:2] = [f"--{POSITIONAL[argv[0]]}", argv[1]]
     return _report_usage_errors(argv, lambda: _parse_and_run(argv))
 
 
 def _parse_and_run(argv: list[str]) -> Any:
-    _check_config_files(argv)
+    check_config_files(argv)
     return CLI(commands(), args=argv, as_positional=False, exit_on_error=False)
 
 
@@ -426,48 +420,6 @@ def _report_usage_errors(argv: list[str], command: Any) -> Any:
             raise
         message = " ".join(str(err).split())  # one line, whatever the source formatted
         if isinstance(err, ArgumentError) and argv:
-            message = _explain(message, argv[0])
+            message = explain(message, argv[0], commands().get(argv[0]))
         print(f"lit-dar: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _check_config_files(argv: list[str]) -> None:
-    for flag, path in zip(argv, argv[1:]):
-        if flag == "--config" and Path(path).is_file() and not Path(path).read_text().strip():
-            raise UsageError(f"The config file {path!r} is empty: write a recipe there (see recipes/), or drop --config.")
-
-
-def _explain(message: str, command: str) -> str:
-    """jsonargparse's report, shortened to what was wrong and what is allowed."""
-    own = re.search(r"(DARConfig\.\S+=.*?)(?: Given value type:|$)", message)
-    if own:  # jsonargparse wraps our own validation message in its Union report: show just ours
-        return own.group(1)
-    key = re.search(r'Parser key "([^"]+)"', message)
-    hint = f" (see `lit-dar {command} --help` for the accepted keys and values)"
-    if key is None or command not in commands() or not callable(commands()[command]):
-        return message + hint
-    key = key.group(1)
-    annotation = _annotation(commands()[command], key)
-    unknown = re.search(r"Unrecognized arguments: --?([\w.]+)", message) or re.search(
-        r"Key '([\w.]+)' is not expected", message)
-    dataclass = next((t for t in _union(annotation) if hasattr(t, "__dataclass_fields__")), None)
-    if unknown and dataclass is not None:
-        allowed = [f.name for f in fields(dataclass) if f.init]
-        return f"Unknown key '{key}.{unknown.group(1)}': the keys of {key} are {allowed}."
-    choices = [c for t in _union(annotation) if get_origin(t) is Literal for c in get_args(t)]
-    given = re.search(r"Given value: (.*?)$", message)
-    if choices and given:
-        null = " or null" if type(None) in _union(annotation) else ""
-        return f"{key}={given.group(1).strip()!r} is not allowed: choose one of {choices}{null}."
-    return message + hint
-
-
-def _annotation(function: Any, key: str) -> Any:
-    try:
-        return get_type_hints(function).get(key.split(".")[0])
-    except Exception:  # an annotation that cannot be resolved only costs the shorter message
-        return None
-
-
-def _union(annotation: Any) -> tuple[Any, ...]:
-    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)

@@ -1,6 +1,6 @@
 """Checks of a run's request that happen before anything is written: arguments, checkpoints, data.
 
-Every check raises :class:`~lit_dar.training.UsageError` (or a ``ValueError`` of the library) with one
+Every check raises :class:`~lit_dar.usage.UsageError` (or a ``ValueError`` of the library) with one
 line that names what is wrong and how to fix it, so a refused run leaves its ``out_dir`` untouched and
 the corrected command can run in the same place.
 """
@@ -17,7 +17,7 @@ from litgpt.args import EvalArgs, TrainArgs
 
 from lit_dar.config import DARConfig
 from lit_dar.module import read_lightning_checkpoint
-from lit_dar.training import UsageError
+from lit_dar.usage import UsageError
 
 ADAMW_DEFAULTS: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
 

@@ -34,7 +34,6 @@ from lit_dar.recipe import RunSpec
 from lit_dar.report import routing_report
 from lit_dar.sampling import EvenShards, resumable_loader
 from lit_dar.training import (
-    UsageError,
     accelerator_devices,
     build_strategy,
     check_out_dir,
@@ -42,6 +41,7 @@ from lit_dar.training import (
     resolve_devices,
     start_out_dir,
 )
+from lit_dar.usage import UsageError
 
 
 class ResumableData(L.LightningDataModule):

@@ -21,11 +21,10 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from litgpt.model import Block
 
+from lit_dar.usage import UsageError
+
 StrategyName = Literal["auto", "ddp", "fsdp", "fsdp2"]
 
-
-class UsageError(ValueError):
-    """A bad request from the command line or a recipe: printed as one line, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------
