@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this script
 
-from lit_dar.bench import BenchSettings, build_trainers  # noqa: E402
+from bench import BenchSettings, build_trainers  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -25,8 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this script
 
-from lit_dar.bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
+from bench import BenchSettings, _malloc_returns_memory, build_trainers  # noqa: E402
 
 
 def _signature(x: torch.Tensor) -> str:

@@ -25,12 +25,13 @@ import torch
 from torch.profiler import profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench.py beside this script
 
+from bench import BenchSettings, Trainer, _malloc_returns_memory, model_config, valid_num_blocks  # noqa: E402
 from litgpt import GPT  # noqa: E402
 
 from lit_dar import DARConfig, patch_model  # noqa: E402
 from lit_dar.backends import BankBackend  # noqa: E402
-from lit_dar.bench import BenchSettings, Trainer, _malloc_returns_memory, model_config, valid_num_blocks  # noqa: E402
 
 # the autograd functions of the bank path; the time of their forward and backward is routing's own
 ROUTING_FUNCTIONS = ("_BankRoute", "_GroupRoute", "_Emit")

@@ -35,6 +35,7 @@ __all__ = [
     # Lightning integration (imported on first use, so `import lit_dar` stays free of Lightning)
     "DeltaAttnResCallback",
     "LitGPTModule",
+    "RoutingMonitor",
     "TokenNLL",
     "convert_lightning_checkpoint",
     "load_lightning_checkpoint",
@@ -44,7 +45,8 @@ __all__ = [
 
 _LAZY = {
     "DeltaAttnResCallback": "lit_dar.callback",
-    "routing_param_groups": "lit_dar.callback",
+    "RoutingMonitor": "lit_dar.monitor",
+    "routing_param_groups": "lit_dar.param_groups",
     "LitGPTModule": "lit_dar.module",
     "convert_lightning_checkpoint": "lit_dar.module",
     "load_lightning_checkpoint": "lit_dar.module",

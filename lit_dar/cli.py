@@ -7,63 +7,31 @@ offline default of ``recipes/pretrain/tiny.yaml`` (its values are this file's de
 
 from __future__ import annotations
 
-import math
+import importlib.util
+import json
 import os
-import re
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import torch
-from litgpt import Config
+from jsonargparse import CLI, ArgumentError, set_parsing_settings
+from litgpt import Config, Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 from litgpt.data import DataModule
+from litgpt.generate.base import generate as litgpt_generate
 
 from lit_dar.config import DAR_CONFIG_FILE, DARConfig
-from lit_dar.data import StdlibCorpus
-from lit_dar.training import StrategyName, UsageError
-
-TINY_MODEL = Config(
-    name="lit-dar-tiny",
-    block_size=128,
-    vocab_size=4096,
-    padded_vocab_size=4096,
-    n_layer=6,
-    n_head=4,
-    n_query_groups=2,
-    n_embd=128,
-    head_size=32,
-    rotary_percentage=1.0,
-    parallel_residual=False,
-    bias=False,
-    norm_class_name="RMSNorm",
-    mlp_class_name="LLaMAMLP",
-    intermediate_size=384,
-)
-
-
-FINETUNE_DAR = DARConfig(mode="delta_block", num_blocks=4, gate="scalar")
-
-
-@dataclass
-class RoutingArgs:
-    """How the routing parameters train and are monitored (``DeltaAttnResCallback``'s options)."""
-
-    lr: float | None = None
-    """Peak LR of the routing parameters; None: the base optimizer's LR (the paper fine-tunes at 5e-3)."""
-    weight_decay: float = 0.0
-    """Weight decay of the routing parameters."""
-    freeze_base: bool = False
-    """Train the routing parameters only."""
-    log_interval: int | None = None
-    """Log routing statistics every this many steps (None: every train.log_interval steps)."""
-    image_interval: int = 100
-    """Log the routing heatmap every this many steps (0: never)."""
-    collapse_threshold: float = 0.02
-    """Flag collapse when the mean max weight stays this close (as a fraction of the way to one-hot) to uniform."""
-
+from lit_dar.convert import convert_hf, convert_to_dar
+from lit_dar.data import StdlibCorpus, load_corpus
+from lit_dar.export import export_hf
+from lit_dar.patch import get_dar_config, load_model
+from lit_dar.recipe import FINETUNE_DAR, TINY_MODEL, RoutingArgs, RunSpec
+from lit_dar.report import routing_report
+from lit_dar.run import fit
+from lit_dar.training import StrategyName
+from lit_dar.usage import UsageError, check_config_files, explain
 
 # --------------------------------------------------------------------------------------------------
 # pretrain / finetune
@@ -129,17 +97,9 @@ def pretrain(
             steps pay the compilation).
         overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
     """
-    from lit_dar.run import RunSpec, fit
-
+    arguments = dict(locals())
     config = _model_config(model_name, model_config)
-    spec = RunSpec(
-        config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=initial_checkpoint_dir,
-        resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
-        devices=devices, num_nodes=num_nodes, tokenizer_dir=tokenizer_dir, logger_name=logger_name, seed=seed,
-        dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
-        overwrite=overwrite, init_weights=True, compile=compile,
-    )
-    return fit(spec)
+    return fit(RunSpec.from_arguments(arguments, config=config, init_weights=True))
 
 
 def finetune(
@@ -192,18 +152,12 @@ def finetune(
             steps pay the compilation).
         overwrite: Allow writing into a non-empty ``out_dir`` without resuming.
     """
-    from lit_dar.run import RunSpec, fit
-
+    arguments = dict(locals())
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
     _tokenizer(checkpoint_dir)
-    config = Config.from_file(checkpoint_dir / "model_config.yaml")
-    dar = _finetune_dar(checkpoint_dir, dar)
-    spec = RunSpec(
-        config=config, out_dir=Path(out_dir), precision=precision, initial_checkpoint_dir=checkpoint_dir,
-        resume=resume, data=data, train=train, eval=eval, optimizer=optimizer,
-        devices=devices, num_nodes=num_nodes, tokenizer_dir=checkpoint_dir, logger_name=logger_name, seed=seed,
-        dar=dar, routing=routing, strategy=strategy, activation_checkpointing=activation_checkpointing,
-        overwrite=overwrite, init_weights=False, compile=compile,
+    spec = RunSpec.from_arguments(
+        arguments, config=Config.from_file(checkpoint_dir / "model_config.yaml"), dar=_finetune_dar(checkpoint_dir, dar),
+        initial_checkpoint_dir=checkpoint_dir, tokenizer_dir=checkpoint_dir, init_weights=False,
     )
     return fit(spec)
 
@@ -276,10 +230,6 @@ def generate(
         top_k: Sample among the k most likely tokens.
         seed: Random seed.
     """
-    from litgpt.generate.base import generate as litgpt_generate
-
-    from lit_dar.patch import load_model
-
     if isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise UsageError(f"max_new_tokens={max_new_tokens} must be a positive integer.")
     if not temperature >= 0:
@@ -326,10 +276,7 @@ def evaluate(
         batch_size: Batch size of the adapter.
         out_file: Write the metrics as JSON here.
     """
-    import json
-
-    from lit_dar.evaluate import run_lm_eval
-    from lit_dar.patch import load_model
+    from lit_dar.evaluate import run_lm_eval  # needs lm-eval (the `eval` extra)
 
     if not tasks:
         raise UsageError("tasks is empty: name at least one lm-eval task, e.g. --tasks '[hellaswag]'.")
@@ -364,16 +311,12 @@ def routing(checkpoint_dir: Path, text: str | None = None, out: Path | None = No
         text: The text to route; default: a paragraph of the offline corpus.
         out: The PNG path; default ``checkpoint_dir/routing.png``.
     """
-    from lit_dar.patch import get_dar_config, load_model
-
     checkpoint_dir = _checkpoint_dir(checkpoint_dir)
     model = load_model(checkpoint_dir).eval()
     if get_dar_config(model) is None:
         raise UsageError(f"{str(checkpoint_dir)!r} is a plain LitGPT checkpoint (no dar_config.yaml): nothing routes.")
     tokenizer = _tokenizer(checkpoint_dir)
     if text is None:
-        from lit_dar.data import load_corpus
-
         text = load_corpus(max_bytes=200_000)[0].text
     idx = tokenizer.encode(text)[: model.max_seq_length].unsqueeze(0)
     if idx.numel() == 0:
@@ -386,58 +329,7 @@ def routing(checkpoint_dir: Path, text: str | None = None, out: Path | None = No
     return rows
 
 
-def routing_report(model: torch.nn.Module, idx: torch.Tensor, png: Path, title: str = "") -> list[dict[str, float]]:
-    """Run ``idx`` through ``model`` with statistics on, save the heatmap, print and return the table."""
-    from lit_dar.patch import enable_routing_stats, find_router, routing_statistics
-    from lit_dar.plotting import routing_heatmap, routing_matrix
-
-    enable_routing_stats(model)
-    with torch.no_grad():
-        model(idx)
-    stats = routing_statistics(model)
-    enable_routing_stats(model, False)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    if "max_weight" not in stats[0]:  # Deep Delta Learning: no routing weights, its own per-sublayer scalars
-        return _rule_report(stats, png, title)
-    fig = routing_heatmap(routing_matrix(stats), null_source=find_router(model).null is not None, title=title)
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    rows = []
-    print("sublayer  sources  max weight  uniform  entropy/log n")
-    for j, s in enumerate(stats):
-        n = int(s["n_sources"])
-        row = {
-            "sublayer": j, "sources": n, "max_weight": s["max_weight"].item(),
-            "uniform_max_weight": s["uniform_max_weight"].item(),
-            "normalized_entropy": s["entropy"].item() / math.log(n) if n > 1 else 0.0,
-        }
-        rows.append(row)
-        print(f"{j:8d}  {n:7d}  {row['max_weight']:10.3f}  {row['uniform_max_weight']:7.3f}  {row['normalized_entropy']:13.3f}")
-    return rows
-
-
-def _rule_report(stats: list[dict[str, torch.Tensor]], png: Path, title: str) -> list[dict[str, float]]:
-    """Per-sublayer scalars of a rule without routing weights (DDL: β and |v − kᵀs|): plot, print, return."""
-    from matplotlib.figure import Figure
-
-    keys = sorted(stats[0])
-    rows = [{"sublayer": j, **{k: float(s[k]) for k in keys}} for j, s in enumerate(stats)]
-    fig = Figure(figsize=(6, 3.5))
-    ax = fig.add_subplot()
-    for k in keys:
-        ax.plot([r[k] for r in rows], marker="o", ms=3, label=k)
-    ax.set_xlabel("sublayer")
-    ax.set_title(title)
-    ax.legend()
-    fig.savefig(png, dpi=120, bbox_inches="tight")
-    print("sublayer  " + "  ".join(f"{k:>10}" for k in keys))
-    for r in rows:
-        print(f"{r['sublayer']:8d}  " + "  ".join(f"{r[k]:10.3f}" for k in keys))
-    return rows
-
-
 def _tokenizer(checkpoint_dir: Path) -> Any:
-    from litgpt import Tokenizer
-
     if not ((checkpoint_dir / "tokenizer.json").is_file() or (checkpoint_dir / "tokenizer.model").is_file()):
         raise UsageError(f"{str(checkpoint_dir)!r} has no tokenizer.json or tokenizer.model: copy the tokenizer files there.")
     return Tokenizer(checkpoint_dir)
@@ -448,18 +340,39 @@ def _tokenizer(checkpoint_dir: Path) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def bench() -> None:
-    """Measure each routing mode's speed and memory against the unpatched model (``lit-dar bench --help``)."""
-    from lit_dar.bench import main as bench_main
+# The benchmark and the study are lab scripts of the source checkout (benchmarks/, experiments/), not part of the
+# installed library; these two commands run them from there and keep their own options.
+CHECKOUT = Path(__file__).resolve().parents[1]
+SCRIPTS = {"bench": CHECKOUT / "benchmarks" / "bench.py", "study": CHECKOUT / "experiments" / "study.py"}
 
-    bench_main([])
+
+def bench() -> None:
+    """Measure each routing mode's speed and memory against the unpatched model (``lit-dar bench --help``).
+
+    Runs ``benchmarks/bench.py`` of a source checkout.
+    """
+
+
+def study() -> None:
+    """Train the baseline and every residual rule with the same tokens over several seeds; write the report.
+
+    Runs ``experiments/study.py`` of a source checkout (``lit-dar study --help``).
+    """
+
+
+def lab_script(name: str) -> Any:
+    """``benchmarks/bench.py`` or ``experiments/study.py`` of the checkout this package is imported from."""
+    path = SCRIPTS[name]
+    if not path.is_file():
+        raise UsageError(f"`lit-dar {name}` runs {path.relative_to(CHECKOUT)} of a source checkout, which this install "
+                         f"lacks: clone the lit-dar repository and run `python {path.relative_to(CHECKOUT)} --help`.")
+    spec = importlib.util.spec_from_file_location(name, path)
+    script = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
 
 
 def commands() -> dict[str, Any]:
-    from lit_dar.convert import convert_hf, convert_to_dar
-    from lit_dar.export import export_hf
-    from lit_dar.study import study
-
     return {
         "pretrain": pretrain,
         "finetune": finetune,
@@ -473,11 +386,6 @@ def commands() -> dict[str, Any]:
     }
 
 
-# The first argument of these commands may be given positionally, as LitGPT's own commands take it.
-POSITIONAL = {"pretrain": "model_name", "finetune": "checkpoint_dir", "generate": "checkpoint_dir",
-              "evaluate": "checkpoint_dir", "routing": "checkpoint_dir"}
-
-
 def main(argv: list[str] | None = None) -> None:
     """The ``lit-dar`` console script (returns nothing: a console script's return value becomes its exit status)."""
     run(argv)
@@ -489,67 +397,29 @@ def run(argv: list[str] | None = None) -> Any:
     Bad input ends with one line that names the fix and exit code 2, not a traceback; ``LIT_DAR_DEBUG=1``
     shows the traceback instead.
     """
-
-    from jsonargparse import ArgumentError, CLI, set_docstring_parse_options
-
-    set_docstring_parse_options(attribute_docstrings=True)
+    # attribute docstrings document the dataclass fields; a command's first argument may come without its flag,
+    # as LitGPT's own commands take it (`lit-dar finetune checkpoints/…`)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True, parse_optionals_as_positionals=True)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the benchmark keeps its own argparse interface (`lit-dar bench --help`)
-        from lit_dar.bench import main as bench_main
+    if argv[:1] and argv[0] in SCRIPTS:  # lab scripts with their own options; only a missing checkout is ours
+        script = _report_usage_errors(argv, lambda: lab_script(argv[0]))
+        return script.main(argv[1:]) if argv[0] == "bench" else CLI(script.study, args=argv[1:], prog="lit-dar study")
+    return _report_usage_errors(argv, lambda: _parse_and_run(argv))
 
-        return bench_main(argv[1:])
-    if argv[:1] and argv[0] in POSITIONAL and len(argv) > 1 and not argv[1].startswith("-"):
-        argv[1:2] = [f"--{POSITIONAL[argv[0]]}", argv[1]]
+
+def _parse_and_run(argv: list[str]) -> Any:
+    check_config_files(argv)
+    return CLI(commands(), args=argv, as_positional=False, exit_on_error=False)
+
+
+def _report_usage_errors(argv: list[str], command: Any) -> Any:
     try:
-        _check_config_files(argv)
-        return CLI(commands(), args=argv, as_positional=False, exit_on_error=False)
+        return command()
     except (ArgumentError, UsageError, FileNotFoundError, FileExistsError, ValueError, TypeError) as err:
         if os.environ.get("LIT_DAR_DEBUG"):
             raise
         message = " ".join(str(err).split())  # one line, whatever the source formatted
         if isinstance(err, ArgumentError) and argv:
-            message = _explain(message, argv[0])
+            message = explain(message, argv[0], commands().get(argv[0]))
         print(f"lit-dar: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _check_config_files(argv: list[str]) -> None:
-    for flag, path in zip(argv, argv[1:]):
-        if flag == "--config" and Path(path).is_file() and not Path(path).read_text().strip():
-            raise UsageError(f"The config file {path!r} is empty: write a recipe there (see recipes/), or drop --config.")
-
-
-def _explain(message: str, command: str) -> str:
-    """jsonargparse's report, shortened to what was wrong and what is allowed."""
-    own = re.search(r"(DARConfig\.\S+=.*?)(?: Given value type:|$)", message)
-    if own:  # jsonargparse wraps our own validation message in its Union report: show just ours
-        return own.group(1)
-    key = re.search(r'Parser key "([^"]+)"', message)
-    hint = f" (see `lit-dar {command} --help` for the accepted keys and values)"
-    if key is None or command not in commands() or not callable(commands()[command]):
-        return message + hint
-    key = key.group(1)
-    annotation = _annotation(commands()[command], key)
-    unknown = re.search(r"Unrecognized arguments: --?([\w.]+)", message) or re.search(
-        r"Key '([\w.]+)' is not expected", message)
-    dataclass = next((t for t in _union(annotation) if hasattr(t, "__dataclass_fields__")), None)
-    if unknown and dataclass is not None:
-        allowed = [f.name for f in fields(dataclass) if f.init]
-        return f"Unknown key '{key}.{unknown.group(1)}': the keys of {key} are {allowed}."
-    choices = [c for t in _union(annotation) if get_origin(t) is Literal for c in get_args(t)]
-    given = re.search(r"Given value: (.*?)$", message)
-    if choices and given:
-        null = " or null" if type(None) in _union(annotation) else ""
-        return f"{key}={given.group(1).strip()!r} is not allowed: choose one of {choices}{null}."
-    return message + hint
-
-
-def _annotation(function: Any, key: str) -> Any:
-    try:
-        return get_type_hints(function).get(key.split(".")[0])
-    except Exception:  # an annotation that cannot be resolved only costs the shorter message
-        return None
-
-
-def _union(annotation: Any) -> tuple[Any, ...]:
-    return get_args(annotation) if get_origin(annotation) in (Union, UnionType) else (annotation,)

@@ -24,9 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from litgpt.config import Config
+from litgpt.config import Config, name_to_config
+from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
 from lit_dar.config import DAR_CONFIG_FILE, DARConfig
+from lit_dar.export import add_routing, exported_dar_config, split_routing
+from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
 
 # Files LitGPT's `copy_config_files` carries into a checkpoint dir (model_config.yaml is written here).
 _CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -71,8 +74,6 @@ def _resolve_config(model_name: str | None, model_config: Config | Path | str | 
     try:
         config = Config.from_name(name)
     except ValueError:
-        from litgpt.config import name_to_config
-
         close = difflib.get_close_matches(name, list(name_to_config), n=3, cutoff=0.5)
         hint = f" (close: {', '.join(map(repr, close))})" if close else ""
         origin = "model_name" if model_name else "the checkpoint dir name"
@@ -110,9 +111,7 @@ def _registered(name: str, config: Config) -> Iterator[None]:
     LitGPT's converter always looks its config up by name; registering the custom config under
     the converter key keeps its weight mapping and `save_config` in charge, unmodified.
     """
-    from litgpt import config as config_module
-
-    registry = config_module.name_to_config
+    registry = name_to_config
     missing = object()
     previous = registry.get(name, missing)
     registry[name] = asdict(config)
@@ -159,8 +158,6 @@ def convert_hf(
         )
     if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"Unknown dtype {dtype!r}; use a torch dtype name such as 'float32' or 'bfloat16'.")
-    from lit_dar.export import add_routing, exported_dar_config, split_routing
-
     dar = exported_dar_config(checkpoint_dir)  # a directory `lit-dar export hf` wrote: back to lit-dar
     if dar is not None and model_config is None and model_name is None:
         model_config = checkpoint_dir / "model_config.yaml"
@@ -179,8 +176,6 @@ def convert_hf(
     existing = [f for f in outputs if (out_dir / f).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{str(out_dir)!r} already has {', '.join(existing)}; pass overwrite=True or another out_dir.")
-
-    from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # LitGPT converts in place; run it in a staging dir that links to the weights, then move the
@@ -232,8 +227,6 @@ def convert_to_dar(
         dar: The routing to add.
         overwrite: Allow writing into a non-empty ``out_dir``.
     """
-    from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
-
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     for name in ("lit_model.pth", "model_config.yaml"):
         if not (checkpoint_dir / name).is_file():

@@ -13,15 +13,18 @@ import json
 import os
 import sysconfig
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from litgpt.data import DataModule
 from litgpt.tokenizer import Tokenizer
-from torch import distributed as dist
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from lit_dar.sampling import ResumableDataLoader
+from torch.utils.data import DataLoader, Dataset
 
 DEFAULT_MAX_BYTES = 4_000_000
 """About 1M tokens with an 8k vocab: tokenizer training and tokenizing take ~1 s each on 2 cores."""
@@ -135,9 +138,6 @@ def train_tokenizer(
     and 1 (``<|startoftext|>``, bos). ``add_bos_token`` is true so ``Tokenizer.encode`` prepends
     bos by default, like the documents seen in pretraining (`encode_documents`).
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + 2:
         raise ValueError(f"vocab_size must be at least {len(alphabet) + 2} (256 bytes + 2 special tokens).")
@@ -251,59 +251,6 @@ class TokenWindows(Dataset):
             raise IndexError(index)
         start = index * self.block_size
         return self.tokens[start : start + self.block_size].to(torch.int64)
-
-
-class EpochShuffleSampler(DistributedSampler):
-    """Shuffles with ``seed + epoch``, shards across ranks, drops the uneven tail; resumable mid-epoch.
-
-    Being a ``DistributedSampler`` keeps Fabric and Lightning from swapping in their own sampler
-    (which would lose the seed and the resume position). The epoch advances when the loader
-    finishes a pass (`ResumableDataLoader`); outside ``set_epoch`` calls are ignored, because
-    Fabric passes its count of ``iter()`` calls, which restarts from 0 after a resume.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        initialized = dist.is_available() and dist.is_initialized()
-        world_size, rank = (dist.get_world_size(), dist.get_rank()) if initialized else (1, 0)
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        pass
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        skip, self.skip = self.skip, 0
-        return iter(indices[skip:])
-
-
-class ResumableDataLoader(DataLoader):
-    """The training loader: its position is checkpointable through ``state_dict``/``load_state_dict``.
-
-    LitGPT's pretraining loop puts the train loader in the state it saves. A plain ``DataLoader``
-    would be pickled whole (token tensor included, and unloadable without this package); this
-    one saves ``{"epoch", "batches"}`` and, when loaded, continues with the next unseen batch.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> None:
-        sampler = EpochShuffleSampler(dataset, seed)
-        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers)
-        self.batches_done = 0
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        for batch in super().__iter__():
-            self.batches_done += 1
-            yield batch
-        self.sampler.epoch += 1
-        self.batches_done = 0
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "batches": self.batches_done}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches"])
-        self.sampler.skip = self.batches_done * self.batch_size
 
 
 @dataclass

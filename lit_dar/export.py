@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from litgpt import Config, Tokenizer
+from litgpt.scripts import convert_lit_checkpoint as lit_to_hf
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lit_dar.config import DAR_CONFIG_FILE, DARConfig
-from lit_dar.patch import CHECKPOINT_FILE, DAR_PREFIX, dar_filter
+from lit_dar.patch import CHECKPOINT_FILE, DAR_PREFIX, dar_filter, load_model
 from lit_dar.routing import MODES
 
 HF_PREFIX = f"model.{DAR_PREFIX}."  # the routing tensors' prefix in the exported weights
@@ -110,8 +113,6 @@ def hf_config(config: Any, dar: DARConfig, bos_id: int | None = None, eos_id: in
 def hf_state_dict(config: Any, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """A lit-dar state dict under the exported model's names: LitGPT's own LitGPT → HF mapping for the base
     weights, ``dar.*`` → ``model.dar.*`` for the routing parameters."""
-    from litgpt.scripts import convert_lit_checkpoint as lit_to_hf
-
     family = hf_family(config)
     copy = {
         "llama": lit_to_hf.copy_weights_llama, "mistral": lit_to_hf.copy_weights_llama,
@@ -142,10 +143,6 @@ def export_hf(checkpoint_dir: Path | str, out_dir: Path | str, overwrite: bool =
         FileExistsError: ``out_dir`` is not empty and ``overwrite`` is false.
         ValueError: an unsupported family or mode, or unreadable weights.
     """
-    from litgpt import Config
-
-    from lit_dar.patch import load_model
-
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     for name, hint in ((CHECKPOINT_FILE, "a LitGPT checkpoint"), ("model_config.yaml", "a LitGPT checkpoint"),
                        (DAR_CONFIG_FILE, "a lit-dar checkpoint (a plain LitGPT one exports with LitGPT's "
@@ -194,8 +191,6 @@ def _special_ids(checkpoint_dir: Path) -> tuple[int | None, int | None]:
     """bos and eos ids as LitGPT's tokenizer reads them from the checkpoint's tokenizer files (none without)."""
     if not any((checkpoint_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         return None, None
-    from litgpt import Tokenizer
-
     tokenizer = Tokenizer(checkpoint_dir)
     return tokenizer.bos_id, tokenizer.eos_id
 
@@ -217,8 +212,6 @@ def exported_dar_config(hf_dir: Path) -> DARConfig | None:
 def split_routing(weight_files: list[Path], base_file: Path) -> dict[str, Tensor]:
     """Write the base weights of an exported directory's safetensors to ``base_file`` (what LitGPT's HF
     converter reads) and return the routing tensors under their lit-dar names (``dar.*``)."""
-    from safetensors.torch import load_file, save_file
-
     base, routing = {}, {}
     for path in weight_files:
         if path.suffix != ".safetensors":

@@ -33,7 +33,7 @@ from typing_extensions import override
 from lit_dar.config import DARConfig
 from lit_dar.metrics import TokenNLL
 from lit_dar.patch import (
-    CHECKPOINT_FILE, build_model, check_state_dict, get_dar_config, load_checkpoint, read_checkpoint,
+    CHECKPOINT_FILE, build_model, check_state_dict, get_dar_config, load_checkpoint, read_checkpoint, save_checkpoint,
 )
 
 IGNORE_INDEX = -100
@@ -327,8 +327,6 @@ def load_lightning_checkpoint(path: str | Path, prefix: str = "model.", device: 
 def convert_lightning_checkpoint(path: str | Path, out_dir: str | Path, prefix: str = "model.") -> Path:
     """Write a LitGPT checkpoint directory (``lit_model.pth``, ``model_config.yaml``, ``dar_config.yaml``) that
     ``lit_dar.load_model`` and LitGPT's tools read."""
-    from lit_dar.patch import save_checkpoint
-
     return save_checkpoint(load_lightning_checkpoint(path, prefix), out_dir)
 
 

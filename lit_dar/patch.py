@@ -382,6 +382,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Any]) -> list[str]:
             f"Checkpoint shapes do not match the model (checkpoint vs model): {wrong[:3]}{'…' if len(wrong) > 3 else ''}. "
             "Is it a checkpoint of another architecture? Use the model_config.yaml that was saved with it."
         )
+    for key, extra in state_dict.items():  # another routing config is named as such, before any key it lacks
+        if key in own and dar_filter(key) and key.endswith("._extra_state"):
+            model.get_submodule(key.rsplit(".", 1)[0]).set_extra_state(extra)
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     other_missing = [k for k in missing if not dar_filter(k)]

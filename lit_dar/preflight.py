@@ -1,6 +1,6 @@
 """Checks of a run's request that happen before anything is written: arguments, checkpoints, data.
 
-Every check raises :class:`~lit_dar.training.UsageError` (or a ``ValueError`` of the library) with one
+Every check raises :class:`~lit_dar.usage.UsageError` (or a ``ValueError`` of the library) with one
 line that names what is wrong and how to fix it, so a refused run leaves its ``out_dir`` untouched and
 the corrected command can run in the same place.
 """
@@ -16,7 +16,8 @@ from litgpt import Config
 from litgpt.args import EvalArgs, TrainArgs
 
 from lit_dar.config import DARConfig
-from lit_dar.training import UsageError
+from lit_dar.module import read_lightning_checkpoint
+from lit_dar.usage import UsageError
 
 ADAMW_DEFAULTS: dict[str, Any] = {"lr": 3e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
 
@@ -138,8 +139,6 @@ def check_resume_checkpoint(path: Path, config: Config, dar: DARConfig | None) -
     Raises:
         UsageError: a corrupt file, or another architecture or DAR config than the run's.
     """
-    from lit_dar.module import read_lightning_checkpoint
-
     checkpoint = read_lightning_checkpoint(path)
     saved = checkpoint.get("model_config")
     if saved is not None and _config_fields(saved) != _config_fields(asdict(config)):
@@ -193,6 +192,7 @@ def prepare_data(data: Any) -> None:
     except Exception as err:  # downloads: requests, urllib and huggingface_hub each raise their own errors
         reason = " ".join(str(err).split())[:200] or type(err).__name__
         raise UsageError(
-            f"data {name} could not be prepared here ({type(err).__name__}: {reason}). Prepare it once on a machine "
-            "with network access (see docs/recipes.md, 'Data') and copy its data_path here."
+            f"data {name} could not be prepared here ({type(err).__name__}: {reason}). Prepare it once on a "
+            "machine with network access (docs/recipes.md, 'Data for the paper-scale recipes'), then copy its "
+            "data_path here."
         ) from None

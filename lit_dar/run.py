@@ -1,7 +1,7 @@
 """One training run from a recipe: the Trainer, the module, the DAR callback, data, checkpoints, outputs.
 
-``lit_dar.cli`` turns a recipe into a :class:`RunSpec`; :func:`fit` runs it. Kept apart from the CLI so the
-study and tests can run recipes in-process.
+``lit_dar.cli`` turns a recipe into a :class:`~lit_dar.recipe.RunSpec`; :func:`fit` runs it. Kept apart from
+the CLI so the study and tests can run recipes in-process.
 """
 
 from __future__ import annotations
@@ -10,66 +10,44 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from litgpt import Config
-from litgpt.args import EvalArgs, TrainArgs
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from litgpt import Tokenizer
 from litgpt.data import DataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_dar.config import DARConfig
-from lit_dar.patch import CHECKPOINT_FILE, build_model, check_state_dict, read_checkpoint
+from lit_dar.callback import DeltaAttnResCallback
+from lit_dar.data import StdlibCorpus, ensure_tokenizer
+from lit_dar.module import LitGPTModule, convert_lightning_checkpoint, throughput_monitor
+from lit_dar.monitor import RoutingMonitor
+from lit_dar.patch import CHECKPOINT_FILE, build_model, check_state_dict, load_model, read_checkpoint
 from lit_dar.preflight import (
     check_eval_args, check_resume_checkpoint, check_train_args, optimizer_args, prepare_data,
 )
+from lit_dar.recipe import RunSpec
+from lit_dar.report import routing_report
+from lit_dar.sampling import EvenShards, resumable_loader
 from lit_dar.training import (
-    EvenShards,
-    UsageError,
     accelerator_devices,
     build_strategy,
     check_out_dir,
     find_resume_checkpoint,
     resolve_devices,
-    resumable_loader,
     start_out_dir,
 )
-
-
-@dataclass
-class RunSpec:
-    config: Config
-    out_dir: Path
-    precision: str | None
-    initial_checkpoint_dir: Path | None
-    resume: Any
-    data: DataModule
-    train: TrainArgs
-    eval: EvalArgs
-    optimizer: str | dict
-    devices: int | str
-    num_nodes: int
-    tokenizer_dir: Path | None
-    logger_name: str
-    seed: int
-    dar: DARConfig | None
-    routing: Any
-    strategy: str
-    activation_checkpointing: bool
-    overwrite: bool
-    init_weights: bool
-    compile: bool = False
-    enable_progress_bar: bool = True
+from lit_dar.usage import UsageError
 
 
 class ResumableData(L.LightningDataModule):
     """A LitGPT data module whose training order is a function of (seed, step, rank), so resuming is exact.
 
-    Map-style datasets get a :class:`~lit_dar.training.StepSampler` that starts at the restored
+    Map-style datasets get a :class:`~lit_dar.sampling.StepSampler` that starts at the restored
     ``global_step``; validation is split into equal shards per rank. Streaming (iterable) datasets keep
     their own loaders.
     """
@@ -111,8 +89,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 
 def _tokenizer_dir(spec: RunSpec) -> Path | None:
     """The run's tokenizer files: ``tokenizer_dir``, or one trained on the offline corpus (once, then cached)."""
-    from lit_dar.data import StdlibCorpus, ensure_tokenizer
-
     if spec.tokenizer_dir is not None:
         path = Path(spec.tokenizer_dir)
         if not ((path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file()):
@@ -134,12 +110,6 @@ def fit(spec: RunSpec) -> dict[str, Any]:
     Everything the request names (arguments, model and routing, checkpoints, tokenizer, data) is checked before
     the first file is written in ``out_dir``; only then does ``--overwrite true`` clear an earlier run.
     """
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    from lit_dar.callback import DeltaAttnResCallback
-    from lit_dar.module import LitGPTModule, convert_lightning_checkpoint, throughput_monitor
-
     started = time.perf_counter()
     train, ev = spec.train, spec.eval
     devices = resolve_devices(spec.devices, spec.num_nodes)
@@ -167,8 +137,6 @@ def fit(spec: RunSpec) -> dict[str, Any]:
 
     # as LitGPT does: never train on windows longer than the model's context
     max_seq_length = min(train.max_seq_length or spec.config.block_size, spec.config.block_size)
-    from litgpt import Tokenizer
-
     tokenizer_dir = _tokenizer_dir(spec)
     tokenizer = None if tokenizer_dir is None else Tokenizer(tokenizer_dir)
     if tokenizer is not None and tokenizer.vocab_size > spec.config.padded_vocab_size:
@@ -203,9 +171,11 @@ def fit(spec: RunSpec) -> dict[str, Any]:
         callbacks.append(TQDMProgressBar())
     if spec.dar is not None:
         r = spec.routing
+        monitor = RoutingMonitor(log_interval=r.log_interval, image_interval=r.image_interval,
+                                 collapse_threshold=r.collapse_threshold)
         callbacks.append(DeltaAttnResCallback(
             spec.dar, routing_lr=r.lr or opt["lr"], routing_weight_decay=r.weight_decay, freeze_base=r.freeze_base,
-            log_interval=r.log_interval, image_interval=r.image_interval, collapse_threshold=r.collapse_threshold,
+            monitor=monitor,
         ))
     logger_cls = TensorBoardLogger if spec.logger_name == "tensorboard" else CSVLogger
     logger = logger_cls(save_dir=str(spec.out_dir), name="logs", version="")
@@ -248,9 +218,6 @@ def fit(spec: RunSpec) -> dict[str, Any]:
 
 
 def _routing_png(final: Path, spec: RunSpec, steps: int) -> Path:
-    from lit_dar.cli import routing_report
-    from lit_dar.patch import load_model
-
     model = load_model(final).eval()
     batch = next(iter(spec.data.val_dataloader()))
     idx = (batch["input_ids"] if isinstance(batch, dict) else batch)[:1, :-1]

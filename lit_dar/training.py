@@ -1,11 +1,12 @@
-"""Pieces the `lit-dar` command adds around Lightning's Trainer: strategies, resumable data order, run checks.
+"""Pieces the `lit-dar` command adds around Lightning's Trainer: strategies, output directories, run checks.
 
 Lightning already does the training loop, checkpointing (written atomically through an fsspec
 transaction), logging and distributed launch. What a LitGPT-style recipe additionally needs is:
 
 * a strategy from one word (``auto``, ``ddp``, ``fsdp``, ``fsdp2``) with LitGPT's FSDP settings;
-* a sample order that is a pure function of (seed, step, rank), so a run killed at any point and resumed
-  from its last checkpoint sees exactly the batches an uninterrupted run would have seen;
+* a sample order that is a pure function of (seed, step, rank) (:class:`lit_dar.sampling.StepSampler`), so a run
+  killed at any point and resumed from its last checkpoint sees exactly the batches an uninterrupted run would
+  have seen;
 * early, one-line errors for impossible requests (more devices than exist, an unwritable out_dir, …).
 """
 
@@ -13,19 +14,17 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
-from torch.utils.data import DataLoader, Dataset, Sampler
+from litgpt.model import Block
+
+from lit_dar.usage import UsageError
 
 StrategyName = Literal["auto", "ddp", "fsdp", "fsdp2"]
 
-
-class UsageError(ValueError):
-    """A bad request from the command line or a recipe: printed as one line, no traceback."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -67,8 +66,6 @@ def build_strategy(
     * ``fsdp2``: ``ModelParallelStrategy`` — FSDP2 ``fully_shard`` per ``Block`` (done by
       ``LitGPTModule.configure_model``), distributed checkpoints; runs on CPU with gloo too.
     """
-    from litgpt.model import Block
-
     accelerator, _ = accelerator_devices()
     cpu_backend = {"process_group_backend": "gloo"} if accelerator == "cpu" else {}
     world = devices * num_nodes
@@ -90,59 +87,6 @@ def build_strategy(
             raise UsageError("activation_checkpointing is offered with strategy 'fsdp'; fsdp2 runs without it.")
         return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1, **cpu_backend)
     raise UsageError(f"strategy={name!r} is unknown: choose one of auto, ddp, fsdp, fsdp2.")
-
-
-# --------------------------------------------------------------------------------------------------
-# Resumable sample order
-# --------------------------------------------------------------------------------------------------
-
-
-class StepSampler(Sampler[int]):
-    """An endless, resumable sample order: epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``, dealt
-    round-robin to ranks, and iteration starts after the first ``start`` samples of this rank.
-
-    Because the order depends only on (seed, rank, start), a run resumed at optimizer step ``k`` starts at
-    ``k · accumulate · micro_batch`` and continues exactly where the interrupted run was.
-    """
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0) -> None:
-        self.per_rank = n // world_size
-        if self.per_rank < 1:
-            raise UsageError(f"The training set has {n} samples, fewer than the {world_size} ranks.")
-        self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.per_rank)
-        while True:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
-            mine = order[self.rank :: self.world_size][: self.per_rank].tolist()
-            yield from mine[offset:]
-            epoch, offset = epoch + 1, 0
-
-
-class EvenShards(Sampler[int]):
-    """Validation samples split into equal contiguous shards (FSDP needs the same number of steps per rank)."""
-
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
-        self.size = n // world_size
-        self.begin = rank * self.size
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.begin, self.begin + self.size))
-
-    def __len__(self) -> int:
-        return self.size
-
-
-def resumable_loader(
-    dataset: Dataset, batch_size: int, seed: int, rank: int, world_size: int, start_step: int, accumulate: int,
-    num_workers: int = 0, collate_fn: Any = None,
-) -> DataLoader:
-    """Batches of this rank from optimizer step ``start_step`` on (``accumulate`` micro-batches per step)."""
-    start = start_step * accumulate * batch_size
-    sampler = StepSampler(len(dataset), seed, rank, world_size, start)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
-                      collate_fn=collate_fn)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from litgpt import GPT, Config
+
+from lit_dar.recipe import small_config
 
 ARCHITECTURES = [
     "Llama-3.2-1B",
@@ -24,18 +30,8 @@ MODES = ["delta", "delta_block", "attnres_full", "attnres_block"]
 
 def tiny_config(name: str = "Qwen3-0.6B", n_layer: int = 4, **overrides) -> Config:
     """A few-layer, narrow version of a named LitGPT config with its structure intact."""
-    base = Config.from_name(name)
-    kwargs = dict(
-        n_layer=n_layer, n_embd=32, n_head=4, head_size=8, intermediate_size=48, vocab_size=96,
-        padded_vocab_size=96, block_size=64,
-        n_query_groups=1 if base.n_query_groups == 1 else (4 if base.n_query_groups == base.n_head else 2),
-    )
-    if base.n_expert:
-        kwargs.update(n_expert=4, n_expert_per_token=2)
-        if base.moe_intermediate_size:
-            kwargs.update(moe_intermediate_size=16)
-    kwargs.update(overrides)
-    return Config.from_name(name, **kwargs)
+    size = dict(n_layer=n_layer, n_embd=32, n_head=4, head_size=8, intermediate_size=48, vocab_size=96, block_size=64)
+    return small_config(name, **{**size, **overrides})
 
 
 def tiny_gpt(name: str = "Qwen3-0.6B", seed: int = 0, **overrides) -> GPT:
@@ -46,6 +42,15 @@ def tiny_gpt(name: str = "Qwen3-0.6B", seed: int = 0, **overrides) -> GPT:
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def lab_script(path: str):
+    """A script of the checkout's lab (``benchmarks/bench.py``, ``experiments/study.py``) as a module."""
+    name = Path(path).stem
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / path)
+    script = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
 
 
 @pytest.fixture(autouse=True)

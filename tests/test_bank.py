@@ -414,7 +414,9 @@ def test_meta_device_and_stats() -> None:
 def test_saved_for_backward_is_the_sources(impl: str) -> None:
     """Delta keeps (2L+1) source vectors per token for backward, not O(L²) stacked copies: the bank, and the
     plain math that ``torch.compile`` traces (source by source, never stacked)."""
-    from lit_dar.bench import BenchSettings, Trainer
+    from test_bench import bench
+
+    BenchSettings, Trainer = bench.BenchSettings, bench.Trainer
 
     settings = BenchSettings.quick()
     L = 6

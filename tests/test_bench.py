@@ -1,14 +1,25 @@
-"""The benchmark's code path in quick mode: it runs and reports every field (no timing assertions)."""
+"""benchmarks/: the benchmark's code path in quick mode (it runs and reports every field; no timing assertions)
+and the other scripts on tiny models."""
 
 import json
 import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import lab_script
 
-from lit_dar import bench
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    """A script of ``benchmarks/`` as a module."""
+    return lab_script(f"benchmarks/{name}.py")
+
+
+bench = _script("bench")
 
 
 def test_quick_benchmark_reports_all_fields(tmp_path) -> None:
@@ -88,9 +99,10 @@ def test_timing_phase_reuses_large_blocks_and_memory_phase_unmaps_them() -> None
     """A block above glibc's 32 MB mmap limit (the logits) is mapped afresh on every allocation by default,
     and its first touch faults; the timing phase keeps it in the heap for reuse, the memory phase unmaps
     it on free so that a step's RSS shows it. In a fresh process: the settings are process-wide."""
-    code = """
-import resource, torch
-from lit_dar.bench import _malloc_returns_memory
+    code = f"""
+import resource, sys, torch
+sys.path.insert(0, {str(BENCHMARKS)!r})
+from bench import _malloc_returns_memory
 
 def faults_of_later_blocks():  # the third and fourth of four: the heap's layout has settled
     for i in range(4):
@@ -112,18 +124,6 @@ print(memory, timing)
     pages = 48 * 2**20 // resource.getpagesize()
     assert memory > pages, (memory, pages)  # mapped anew each time: every page faults on first touch
     assert timing < pages // 20, (timing, pages)  # reused from the heap
-
-
-def _script(name: str):
-    """A script of ``benchmarks/`` as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
 
 
 def test_routing_time_script_measures_each_setting() -> None:

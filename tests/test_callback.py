@@ -1,8 +1,10 @@
-"""DeltaAttnResCallback on one CPU process: patching, param groups, logging, checkpoints, bad input."""
+"""DeltaAttnResCallback on one CPU process: patching, param groups, checkpoints, bad input.
+
+The routing monitor it runs is tested in test_monitor.py, the param-group functions in test_param_groups.py.
+"""
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 from pathlib import Path
@@ -12,15 +14,15 @@ import pytest
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from litgpt.model import GPT, Block
 from test_distributed import Sequences, pattern_data, tiny_config
 
 from lit_dar import DARConfig, get_dar_config, mark_only_routing_as_trainable, routing_parameters
 from lit_dar.patch import find_router
-from lit_dar.callback import ROUTING_GROUP, DeltaAttnResCallback, place_routing_parameters, routing_param_groups
+from lit_dar.callback import DeltaAttnResCallback
 from lit_dar.module import LitGPTModule, lr_factor
-from lit_dar.plotting import routing_heatmap, routing_matrix
+from lit_dar.monitor import RoutingMonitor
+from lit_dar.param_groups import ROUTING_GROUP, routing_param_groups
 
 DAR = DARConfig(mode="delta_block", num_blocks=2, gate="scalar")
 
@@ -206,31 +208,6 @@ def test_explicit_routing_param_groups_are_kept_and_checked(tmp_path: Path) -> N
         make_trainer(tmp_path, [DeltaAttnResCallback(DAR, routing_lr=1e-2)], max_steps=2).fit(module, train_loader())
 
 
-def test_place_routing_parameters_extends_torch_schedulers() -> None:
-    model = GPT(tiny_config())
-    from lit_dar import patch_model
-
-    patch_model(model, DAR)
-    routing = routing_parameters(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.1)
-    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.5, total_iters=2)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warmup, cosine], milestones=[2])
-    place_routing_parameters(routing, [optimizer], [scheduler], routing_lr=10.0)
-    assert len(optimizer.param_groups) == 2 and optimizer.param_groups[1]["lr"] == pytest.approx(5.0)
-    for _ in range(5):
-        optimizer.step()
-        scheduler.step()
-        base, rout = (g["lr"] for g in optimizer.param_groups)
-        assert rout == pytest.approx(10 * base)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
-    with pytest.raises(ValueError, match="OneCycleLR.*routing_param_groups"):
-        place_routing_parameters(routing, [optimizer], [one_cycle], routing_lr=1.0)
-    assert len(optimizer.param_groups) == 1  # untouched
-
-
 def test_foreign_module_with_plain_sgd_gets_its_routing_group(tmp_path: Path) -> None:
     module = EagerModule(scheduler="cosine")
     make_trainer(tmp_path, [DeltaAttnResCallback(DAR, routing_lr=0.5)], max_steps=2).fit(module, train_loader())
@@ -256,113 +233,13 @@ def test_freeze_base_trains_routing_only(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------------------------------
-
-
-def test_statistics_are_recorded_on_logging_steps_only(tmp_path: Path) -> None:
-    recorded: list[bool] = []
-
-    class Spy(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            recorded.append(find_router(pl_module).record_stats)
-
-    module = lit_module()
-    callback = DeltaAttnResCallback(DAR, log_interval=3, image_interval=0)
-    make_trainer(tmp_path, [callback, Spy()], max_steps=7).fit(module, train_loader())
-    assert recorded == [False, False, True, False, False, True, False]
-    assert find_router(module).record_stats is False and find_router(module).last_weights == []
-
-
-def test_tensorboard_gets_routing_scalars_and_heatmap(tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    callback = DeltaAttnResCallback(DAR, log_interval=2, image_interval=4)
-    make_trainer(tmp_path, [callback], max_steps=8, logger=logger).fit(lit_module(), train_loader())
-
-    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0, "scalars": 0})
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    expected = {"dar/sharpness", "dar/sharpness_uniform", "dar/collapsed", "dar/lr", "train_loss", "lr"}
-    expected |= {f"dar/{kind}/{layer}.{sub}" for kind in ("max_weight", "entropy", "gate") for layer in (2, 3)
-                 for sub in ("attn", "mlp")}
-    expected |= {"dar/gate/0.attn", "dar/gate/1.mlp"}
-    assert expected <= scalars, expected - scalars
-    assert "dar/max_weight/0.attn" not in scalars  # one source: nothing to route
-    assert [e.step for e in events.Scalars("dar/sharpness")] == [1, 3, 5, 7]
-    images = events.Images("dar/routing")
-    assert [e.step for e in images] == [3, 7]
-    assert images[0].encoded_image_string.startswith(b"\x89PNG") and images[0].width > 200
-
-
-def test_any_logger_gets_the_scalars(tmp_path: Path) -> None:
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    callback = DeltaAttnResCallback(DAR, log_interval=2, image_interval=2)  # no TensorBoard: no image, no error
-    make_trainer(tmp_path, [callback], max_steps=4, logger=logger).fit(lit_module(), train_loader())
-    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
-    sharpness = [float(r["dar/sharpness"]) for r in rows if r.get("dar/sharpness")]
-    assert len(sharpness) == 2 and all(0.5 <= s <= 1 for s in sharpness)
-
-
-def test_deep_delta_learning_logs_its_own_statistics(tmp_path: Path) -> None:
-    """DDL has no routing weights: the callback logs mean β and |v − kᵀs| per sublayer, and no heatmap."""
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    callback = DeltaAttnResCallback(DARConfig(mode="ddl"), log_interval=2, image_interval=2)
-    module = lit_module()
-    make_trainer(tmp_path, [callback], max_steps=4, logger=logger).fit(module, train_loader())
-    assert get_dar_config(module.model).mode == "ddl"
-    rows = [r for r in csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()) if r.get("dar/beta_mean")]
-    assert len(rows) == 2
-    for row in rows:
-        assert 0 < float(row["dar/beta_mean"]) < 2 and float(row["dar/residual_mean"]) >= 0
-        assert row["dar/beta/0.attn"] and row["dar/residual/1.mlp"]
-    assert "dar/sharpness" not in rows[0] or not rows[0]["dar/sharpness"]
-
-
-def test_collapse_to_uniform_warns_and_is_logged(tmp_path: Path) -> None:
-    # A routing LR far too small keeps the routing at its uniform init: that is the collapse to catch.
-    callback = DeltaAttnResCallback(DAR, routing_lr=1e-12, log_interval=1, image_interval=0, collapse_window=3)
-    with pytest.warns(UserWarning, match="routing has collapsed to uniform"):
-        make_trainer(tmp_path, [callback], max_steps=4).fit(lit_module(), train_loader())
-    assert callback.last_metrics["dar/collapsed"] == 1.0
-    assert callback.last_metrics["dar/sharpness"] == pytest.approx(callback.last_metrics["dar/sharpness_uniform"])
-
-    # Ungated routing learns from the first step (a scalar gate starts closed: uniform until it opens).
-    healthy = DeltaAttnResCallback(DARConfig(num_blocks=2), routing_lr=5e-2, log_interval=1, image_interval=0,
-                                   collapse_window=3)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message=".*collapsed.*")
-        make_trainer(tmp_path, [healthy], max_steps=6).fit(lit_module(warmup_steps=0), train_loader())
-    assert healthy.last_metrics["dar/collapsed"] == 0.0
-
-
-def test_heatmap_figure_rows_are_sublayers_and_masks_unseen_sources(tmp_path: Path) -> None:
-    from lit_dar import build_model, enable_routing_stats, routing_statistics
-
-    model = build_model(tiny_config(), DARConfig(mode="delta", null_source=True))
-    enable_routing_stats(model)
-    model(pattern_data(2, seed=3)[:, :-1])
-    stats = routing_statistics(model)
-    matrix = routing_matrix(stats)
-    assert matrix.shape == (8, 9)  # 8 sublayers; null + x0 + 7 completed sublayer outputs
-    assert matrix[0, :2].sum() == pytest.approx(1.0) and matrix[0, 2:].isnan().all()
-    assert not matrix[-1].isnan().any()
-    figure = routing_heatmap(stats, null_source=True, title="test")
-    ax = figure.axes[0]
-    assert [t.get_text() for t in ax.get_yticklabels()][:3] == ["0.attn", "0.mlp", "1.attn"]
-    assert [t.get_text() for t in ax.get_xticklabels()][:3] == ["null", "x0", "1"]
-    figure.savefig(tmp_path / "routing.png")
-    assert (tmp_path / "routing.png").read_bytes().startswith(b"\x89PNG")
-
-
-# --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
 
 def test_resume_restores_callback_state_and_routing_group(tmp_path: Path) -> None:
-    first = DeltaAttnResCallback(DAR, routing_lr=1e-12, log_interval=1, image_interval=0, collapse_window=10)
+    monitor = RoutingMonitor(log_interval=1, image_interval=0, collapse_window=10)
+    first = DeltaAttnResCallback(DAR, routing_lr=1e-12, monitor=monitor)
     trainer = make_trainer(tmp_path, [first], max_steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -373,12 +250,13 @@ def test_resume_restores_callback_state_and_routing_group(tmp_path: Path) -> Non
     assert checkpoint["callbacks"][first.state_key]["collapse_windows"] == {"dar": [True] * 4}
 
     # other logging settings, same DAR config: the state is found and restored
-    second = DeltaAttnResCallback(DAR, routing_lr=1e-12, log_interval=1, image_interval=5, collapse_window=8)
+    monitor = RoutingMonitor(log_interval=1, image_interval=5, collapse_window=8)
+    second = DeltaAttnResCallback(DAR, routing_lr=1e-12, monitor=monitor)
     module = lit_module(max_steps=8)
     trainer = make_trainer(tmp_path, [second], max_steps=8)
     with pytest.warns(UserWarning, match="collapsed"):  # 4 restored + 4 new uniform steps fill the window of 8
         trainer.fit(module, train_loader(), ckpt_path=tmp_path / "a.ckpt")
-    assert len(second._windows["dar"]) == 8 and trainer.global_step == 8
+    assert len(second.monitor._windows["dar"]) == 8 and trainer.global_step == 8
     base, routing = trainer.optimizers[0].param_groups
     assert routing["name"] == ROUTING_GROUP and routing["initial_lr"] == 1e-12
     assert len(trainer.optimizers[0].state[routing["params"][0]]) > 0  # Adam state restored into the routing group
@@ -469,15 +347,13 @@ def test_non_positive_routing_lr_is_refused(lr: float) -> None:
     ("kwargs", "match"),
     [
         ({"routing_weight_decay": -0.1}, "routing_weight_decay"),
-        ({"log_interval": 0}, "log_interval"),
-        ({"image_interval": -1}, "image_interval"),
-        ({"collapse_threshold": 1.5}, "collapse_threshold"),
-        ({"collapse_window": 0}, "collapse_window"),
     ],
 )
 def test_other_bad_options_are_refused(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         DeltaAttnResCallback(DAR, **kwargs)
+    with pytest.raises(TypeError, match="monitor must be a lit_dar.RoutingMonitor or a bool, got dict"):
+        DeltaAttnResCallback(DAR, monitor={"log_interval": 2})
 
 
 def test_nothing_half_patched_when_one_gpt_cannot_be_patched(tmp_path: Path) -> None:

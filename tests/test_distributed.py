@@ -72,7 +72,7 @@ def worker(strategy_name: str, out: Path) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
 
-    from lit_dar import DARConfig, DeltaAttnResCallback, routing_parameters
+    from lit_dar import DARConfig, DeltaAttnResCallback, RoutingMonitor, routing_parameters
     from lit_dar.module import LitGPTModule
 
     class Probe(Callback):
@@ -126,7 +126,8 @@ def worker(strategy_name: str, out: Path) -> None:
         strategy = "ddp"
     module = LitGPTModule(tiny_config(), learning_rate=3e-3, weight_decay=0.1, warmup_steps=3, max_steps=STEPS, min_lr=3e-4,
                           compile=compiled)
-    dar = DeltaAttnResCallback(DARConfig(**DAR), routing_lr=3e-2, log_interval=5, image_interval=10)
+    monitor = RoutingMonitor(log_interval=5, image_interval=10)
+    dar = DeltaAttnResCallback(DARConfig(**DAR), routing_lr=3e-2, monitor=monitor)
     probe = Probe()
     trainer = L.Trainer(
         accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, val_check_interval=STEPS,
@@ -144,7 +145,7 @@ def worker(strategy_name: str, out: Path) -> None:
         probe.result.update(
             losses=probe.losses, grad_norms=probe.grad_norms, grads_in_sync=probe.grads_in_sync,
             val_ppl=float(trainer.callback_metrics["val_ppl"]), val_loss=float(trainer.callback_metrics["val_loss"]),
-            dar_metrics=dar.last_metrics, world_size=trainer.world_size,
+            dar_metrics=dar.monitor.last_metrics, world_size=trainer.world_size,
             compiled=module.model._compiled_call_impl is not None,
         )
         (out / "result.json").write_text(json.dumps(probe.result, indent=1))
@@ -311,12 +312,13 @@ def test_fsdp1_refuses_the_cpu() -> None:
 def test_fsdp1_on_gpu_trains_and_checkpoints(tmp_path: Path) -> None:
     import lightning as L
 
-    from lit_dar import DARConfig, DeltaAttnResCallback, get_dar_config
+    from lit_dar import DARConfig, DeltaAttnResCallback, RoutingMonitor, get_dar_config
     from lit_dar.module import LitGPTModule, load_lightning_checkpoint
 
     L.seed_everything(0)
     module = LitGPTModule(tiny_config(), learning_rate=3e-3, warmup_steps=3, max_steps=STEPS, min_lr=3e-4)
-    dar = DeltaAttnResCallback(DARConfig(**DAR), routing_lr=3e-2, log_interval=5, image_interval=10)
+    monitor = RoutingMonitor(log_interval=5, image_interval=10)
+    dar = DeltaAttnResCallback(DARConfig(**DAR), routing_lr=3e-2, monitor=monitor)
     trainer = L.Trainer(
         accelerator="cuda", devices=1, strategy=fsdp1_strategy(), max_steps=STEPS, val_check_interval=STEPS,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, callbacks=[dar], logger=False,
@@ -326,7 +328,7 @@ def test_fsdp1_on_gpu_trains_and_checkpoints(tmp_path: Path) -> None:
     trainer.fit(module, train, val_loader())
     groups = trainer.optimizers[0].param_groups
     assert [g.get("name") for g in groups] == [None, "dar_routing"] and len(groups[1]["params"]) == 3
-    assert "dar/gate/0.attn" in dar.last_metrics and dar.last_metrics["dar/sharpness"] > 0.5
+    assert "dar/gate/0.attn" in dar.monitor.last_metrics and dar.monitor.last_metrics["dar/sharpness"] > 0.5
 
     trainer.save_checkpoint(tmp_path / "fsdp1.ckpt")
     assert (tmp_path / "fsdp1.ckpt").is_file()  # full state dict: one file

@@ -8,7 +8,7 @@ import pytest
 from litgpt.args import EvalArgs, TrainArgs
 
 from lit_dar.preflight import check_eval_args, check_train_args, optimizer_args
-from lit_dar.training import UsageError
+from lit_dar.usage import UsageError
 
 TRAIN = TrainArgs(global_batch_size=16, micro_batch_size=4, max_steps=10, lr_warmup_steps=1)
 

@@ -3,8 +3,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import lab_script
 
-from lit_dar.study import MODES, Scale, _ablation_blocks, study, write_section
+_study = lab_script("experiments/study.py")
+MODES, Scale, _ablation_blocks, study, write_section = (
+    _study.MODES, _study.Scale, _study._ablation_blocks, _study.study, _study.write_section)
 
 
 def test_ablation_blocks_are_the_valid_ones() -> None:

@@ -1,4 +1,7 @@
-"""``lit-dar study``: the paper's claims at CPU scale — perplexity and routing sharpness across residual rules.
+"""The study: the paper's claims at CPU scale — perplexity and routing sharpness across residual rules.
+
+``python experiments/study.py [--quick true] [--report docs/results.md]`` (or ``lit-dar study`` from a source
+checkout). The report goes to ``OUT_DIR/results.md`` unless ``--report`` names another file.
 
 Every run is an ordinary ``lit-dar pretrain`` run (same Trainer, callback, data and recipe defaults) on the
 offline standard-library corpus with a fixed train/validation split; modes differ only in ``dar``, so
@@ -9,19 +12,30 @@ from the measured numbers only.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from jsonargparse import CLI, set_docstring_parse_options
 from litgpt import Config
 from litgpt.args import EvalArgs, TrainArgs
+from matplotlib.figure import Figure
 
-from lit_dar.config import DARConfig
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's lit_dar when run as a script
+
+from lit_dar.config import DARConfig  # noqa: E402
+from lit_dar.data import StdlibCorpus  # noqa: E402
+from lit_dar.patch import enable_routing_stats, find_router, load_model, routing_statistics  # noqa: E402
+from lit_dar.recipe import RoutingArgs, RunSpec, small_config, valid_block_counts  # noqa: E402
+from lit_dar.run import fit  # noqa: E402
 
 MODES = ["baseline", "attnres_block", "attnres_full", "delta_block", "delta", "ddl"]
 
@@ -44,13 +58,8 @@ class Scale:
     max_bytes: int = 4_000_000
 
     def config(self) -> Config:
-        return Config(
-            name=f"study-L{self.n_layer}-d{self.n_embd}", block_size=self.seq, vocab_size=self.vocab,
-            padded_vocab_size=self.vocab, n_layer=self.n_layer, n_head=self.n_embd // 32,
-            n_query_groups=max(1, self.n_embd // 64), n_embd=self.n_embd, head_size=32, rotary_percentage=1.0,
-            parallel_residual=False, bias=False, norm_class_name="RMSNorm", mlp_class_name="LLaMAMLP",
-            intermediate_size=3 * self.n_embd,
-        )
+        return small_config(name=f"study-L{self.n_layer}-d{self.n_embd}", n_layer=self.n_layer, n_embd=self.n_embd,
+                            n_head=self.n_embd // 32, head_size=32, vocab_size=self.vocab, block_size=self.seq)
 
 
 SCALES = {
@@ -71,10 +80,6 @@ def train_run(
     initial_checkpoint_dir: Path | None = None, steps: int | None = None,
 ) -> dict[str, Any]:
     """One pretraining (or continued-training) run, or its stored result if it already finished."""
-    from lit_dar.cli import RoutingArgs
-    from lit_dar.data import StdlibCorpus
-    from lit_dar.run import RunSpec, fit
-
     run_dir = out / name / f"seed{seed}"
     done = run_dir / "result.json"
     if done.is_file():
@@ -105,16 +110,12 @@ def train_run(
 
 
 def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    import csv
-
     rows = csv.DictReader((run_dir / "logs" / "metrics.csv").open())
     return [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
 
 
 def _routing_rows(final: Path, spec: Any) -> list[dict[str, float]]:
     """Per routed point, over the first validation batches: mean max weight, entropy, and uniform references."""
-    from lit_dar.patch import enable_routing_stats, find_router, load_model, routing_statistics
-
     model = load_model(final).eval()
     if type(find_router(model)).__name__ != "DepthRouter":
         enable_routing_stats(model)
@@ -157,7 +158,7 @@ def study(
     out_dir: Path = Path("out/lit-dar/study"),
     quick: bool = False,
     seeds: int = 3,
-    report: Path | None = Path("docs/results.md"),
+    report: Path | None = None,
     ablation: bool = True,
     conversion: bool = True,
     scale: Scale | None = None,
@@ -170,7 +171,8 @@ def study(
         out_dir: Where the runs go (a finished run is reused, so an interrupted study resumes).
         quick: A ≤10-minute version (tiny model, few steps, one seed unless ``seeds`` says otherwise).
         seeds: Seeds per configuration.
-        report: The markdown report to write (figures go beside it, under ``img/``); None: print only.
+        report: The markdown report to update (figures go beside it, under ``img/``); default
+            ``OUT_DIR/{quick,full}/results.md``. ``docs/results.md`` is written only when named here.
         ablation: Run the Delta Block block-count ablation (num_blocks 1, 2, 4, 6, L).
         conversion: Run the conversion experiment (baseline continued as is vs converted to Delta Block).
         scale: Override the model/training size (tests use a micro scale).
@@ -206,12 +208,11 @@ def study(
                     train_run(f"conv-{name.split()[0]}", out_dir, scale, dar, seed, cache, start, steps=half))
     stored = [r for rs in (*runs.values(), *blocks.values(), *convert.values()) for r in rs]
     seconds = sum({(r["name"], r["seed"]): r["seconds"] for r in stored}.values())  # every run once, resumed or not
+    report = out_dir / "results.md" if report is None else Path(report)
     text = render(scale, runs, blocks, convert, seconds, quick, report)
-    if report is not None:
-        write_section(Path(report), "quick" if quick else "full", text)
-        print(f"Wrote {report}")
-    else:
-        print(text)
+    write_section(report, "quick" if quick else "full", text)
+    print(text)
+    print(f"Wrote {report}")
     return {"runs": runs, "ablation": blocks, "conversion": convert, "seconds": seconds}
 
 
@@ -229,17 +230,7 @@ def write_section(report: Path, tag: str, text: str) -> None:
 
 
 def _ablation_blocks(n_layer: int) -> list[int]:
-    from lit_dar.routing import layers_per_block
-
-    wanted = sorted({1, 2, 4, 6, n_layer} & set(range(1, n_layer + 1)))
-    valid = []
-    for n in wanted:
-        try:
-            layers_per_block(n_layer, n)
-            valid.append(n)
-        except ValueError:
-            pass
-    return valid
+    return [n for n in valid_block_counts(n_layer) if n in {1, 2, 4, 6, n_layer}]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,9 +262,8 @@ def _sharpness(rows: list[dict[str, float]], part: slice) -> dict[str, float]:
     }
 
 
-def render(scale: Scale, runs: dict, blocks: dict, convert: dict, seconds: float, quick: bool,
-           report: Path | None) -> str:
-    img = (Path(report).parent if report is not None else Path(".")) / "img"
+def render(scale: Scale, runs: dict, blocks: dict, convert: dict, seconds: float, quick: bool, report: Path) -> str:
+    img = Path(report).parent / "img"
     img.mkdir(parents=True, exist_ok=True)
     tag = "quick" if quick else "full"
     base_mean, base_std = _ppl(runs["baseline"])
@@ -353,8 +343,6 @@ def _mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, float]]:
 
 
 def _plot_curves(runs: dict, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.4, 4))
     ax = fig.add_subplot()
     for mode in MODES:
@@ -370,8 +358,6 @@ def _plot_curves(runs: dict, path: Path) -> None:
 
 def _plot_heatmaps(runs: dict, path: Path) -> None:
     """Mean routing weights of seed 0 after training: AttnRes (full) beside Delta, sublayers × sources."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(11, 4.5))
     for k, mode in enumerate(("attnres_full", "delta")):
         ax = fig.add_subplot(1, 2, k + 1)
@@ -386,8 +372,6 @@ def _plot_heatmaps(runs: dict, path: Path) -> None:
 
 def _weights_matrix(run: dict) -> Any:
     """A (sublayer × source) matrix of mean weights, stored by the run's final routing pass."""
-    import numpy as np
-
     rows = run["routing"]
     width = max(int(r["n_sources"]) for r in rows)
     matrix = np.full((len(rows), width), np.nan)
@@ -396,3 +380,8 @@ def _weights_matrix(run: dict) -> Any:
         if weights:
             matrix[j, : len(weights)] = weights
     return matrix
+
+
+if __name__ == "__main__":
+    set_docstring_parse_options(attribute_docstrings=True)
+    CLI(study, args=sys.argv[1:])
