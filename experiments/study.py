@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import CLI, set_docstring_parse_options
+from jsonargparse import CLI, set_parsing_settings
 from litgpt import Config
 from litgpt.args import EvalArgs, TrainArgs
 from matplotlib.figure import Figure
@@ -33,8 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's l
 
 from lit_dar.config import DARConfig  # noqa: E402
 from lit_dar.data import StdlibCorpus  # noqa: E402
-from lit_dar.patch import enable_routing_stats, find_router, load_model, routing_statistics  # noqa: E402
+from lit_dar.checkpoint import load_model  # noqa: E402
+from lit_dar.patch import enable_routing_stats, find_router  # noqa: E402
 from lit_dar.recipe import RoutingArgs, RunSpec, small_config, valid_block_counts  # noqa: E402
+from lit_dar.rule import RoutingStatistics  # noqa: E402
 from lit_dar.run import fit  # noqa: E402
 
 MODES = ["baseline", "attnres_block", "attnres_full", "delta_block", "delta", "ddl"]
@@ -115,36 +117,32 @@ def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _routing_rows(final: Path, spec: Any) -> list[dict[str, float]]:
-    """Per routed point, over the first validation batches: mean max weight, entropy, and uniform references."""
+    """Per routed point, over the first validation batches: mean max weight, entropy, and uniform references
+    (for a rule without routing weights, its own per-sublayer scalars on the first batch)."""
     model = load_model(final).eval()
-    if type(find_router(model)).__name__ != "DepthRouter":
-        enable_routing_stats(model)
-        with torch.no_grad():
-            model(next(iter(spec.data.val_dataloader()))[:, :-1])
-        return [{k: float(v.float().mean()) for k, v in s.items()} for s in routing_statistics(model)]
+    rule = find_router(model)
     enable_routing_stats(model)
-    sums: list[dict[str, float]] = []
-    batches = 0
+    recorded = []
     with torch.no_grad():
         for batch in spec.data.val_dataloader():
             model(batch[:, :-1])
-            for j, s in enumerate(routing_statistics(model)):
-                if j == len(sums):
-                    sums.append({"n_sources": int(s["n_sources"]), "max_weight": 0.0, "entropy": 0.0,
-                                 "mean_weight": torch.zeros_like(s["mean_weight"])})
-                sums[j]["max_weight"] += s["max_weight"].item()
-                sums[j]["entropy"] += s["entropy"].item()
-                sums[j]["mean_weight"] += s["mean_weight"]
-            batches += 1
-            if batches == 4:
+            recorded.append(rule.statistics())
+            if len(recorded) == 4 or not isinstance(recorded[0], RoutingStatistics):
                 break
+    if not isinstance(recorded[0], RoutingStatistics):
+        return [{k: float(v) for k, v in point.items()} for point in recorded[0].per_point()]
     rows = []
-    for row in sums:
-        n = len(row["mean_weight"])  # the null source included, if any
+    for k, n in enumerate(recorded[0].n_sources):  # the null source included, if any
+        max_weight, entropy, mean_weight = 0.0, 0.0, torch.zeros(n)
+        for stats in recorded:
+            max_weight += stats.max_weight[k].item()
+            entropy += stats.entropy[k].item()
+            mean_weight += stats.mean_weight[k, :n]
+        batches = len(recorded)
         rows.append({
-            "n_sources": n, "max_weight": row["max_weight"] / batches, "uniform_max_weight": 1.0 / n,
-            "normalized_entropy": (row["entropy"] / batches) / math.log(n) if n > 1 else 0.0,
-            "mean_weight": (row["mean_weight"] / batches).tolist(),
+            "n_sources": n, "max_weight": max_weight / batches, "uniform_max_weight": 1.0 / n,
+            "normalized_entropy": (entropy / batches) / math.log(n) if n > 1 else 0.0,
+            "mean_weight": (mean_weight / batches).tolist(),
         })
     return rows
 
@@ -383,5 +381,5 @@ def _weights_matrix(run: dict) -> Any:
 
 
 if __name__ == "__main__":
-    set_docstring_parse_options(attribute_docstrings=True)
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     CLI(study, args=sys.argv[1:])

@@ -26,7 +26,8 @@ from lit_dar.config import DAR_CONFIG_FILE, DARConfig
 from lit_dar.convert import convert_hf, convert_to_dar
 from lit_dar.data import StdlibCorpus, load_corpus
 from lit_dar.export import export_hf
-from lit_dar.patch import get_dar_config, load_model
+from lit_dar.checkpoint import load_model
+from lit_dar.patch import get_dar_config
 from lit_dar.recipe import FINETUNE_DAR, TINY_MODEL, RoutingArgs, RunSpec
 from lit_dar.report import routing_report
 from lit_dar.run import fit

@@ -29,7 +29,8 @@ from litgpt.scripts.convert_hf_checkpoint import convert_hf_checkpoint
 
 from lit_dar.config import DAR_CONFIG_FILE, DARConfig
 from lit_dar.export import add_routing, exported_dar_config, split_routing
-from lit_dar.patch import build_model, load_checkpoint, save_checkpoint
+from lit_dar.checkpoint import load_checkpoint, save_checkpoint
+from lit_dar.patch import build_model
 
 # Files LitGPT's `copy_config_files` carries into a checkpoint dir (model_config.yaml is written here).
 _CONFIG_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")

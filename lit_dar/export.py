@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from lit_dar.config import DAR_CONFIG_FILE, DARConfig
-from lit_dar.patch import CHECKPOINT_FILE, DAR_PREFIX, dar_filter, load_model
+from lit_dar.checkpoint import CHECKPOINT_FILE, load_model
+from lit_dar.patch import DAR_PREFIX, dar_filter
 from lit_dar.routing import MODES
 
 HF_PREFIX = f"model.{DAR_PREFIX}."  # the routing tensors' prefix in the exported weights

@@ -32,9 +32,8 @@ from typing_extensions import override
 
 from lit_dar.config import DARConfig
 from lit_dar.metrics import TokenNLL
-from lit_dar.patch import (
-    CHECKPOINT_FILE, build_model, check_state_dict, get_dar_config, load_checkpoint, read_checkpoint, save_checkpoint,
-)
+from lit_dar.checkpoint import CHECKPOINT_FILE, check_state_dict, load_checkpoint, read_checkpoint, save_checkpoint
+from lit_dar.patch import build_model, get_dar_config
 
 IGNORE_INDEX = -100
 

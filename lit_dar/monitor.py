@@ -6,11 +6,9 @@ On logging steps only it records the routing weights, then logs per-sublayer sta
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any
 
-import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
@@ -22,8 +20,9 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lit_dar.param_groups import routing_group_lr
-from lit_dar.patch import enable_routing_stats, find_router, routing_statistics
-from lit_dar.plotting import routed_point_labels, routing_heatmap, routing_matrix
+from lit_dar.patch import enable_routing_stats, find_router
+from lit_dar.plotting import routed_point_labels, routing_heatmap
+from lit_dar.rule import RoutingStatistics, RuleStatistics
 
 
 class RoutingMonitor(Callback):
@@ -131,16 +130,16 @@ class RoutingMonitor(Callback):
         figures = {}
         for name, gpt in gpts:
             prefix = "dar" if len(gpts) == 1 else f"dar/{name}"
-            if not find_router(gpt).last_weights:
+            rule = find_router(gpt)
+            if not rule.last_weights:
                 continue  # this GPT did not run forward in the step (e.g. a teacher used only in validation)
-            stats = routing_statistics(gpt)
-            if "max_weight" not in stats[0]:  # a rule without depth routing (Deep Delta Learning): its own scalars
-                metrics.update(_rule_scalars(trainer, prefix, stats))
+            stats = _mean_over_ranks(trainer, rule.statistics())
+            if not isinstance(stats, RoutingStatistics):  # a rule without routing weights: its own scalars
+                metrics.update(_rule_scalars(prefix, stats))
                 continue
-            max_weight, entropy, matrix = _reduce_stats(trainer, stats)
-            metrics.update(self._scalars(prefix, stats, max_weight, entropy, self._gates.pop(name, None)))
+            metrics.update(self._scalars(prefix, stats, self._gates.pop(name, None)))
             if self._image_due(step):
-                figures[prefix] = (matrix, find_router(gpt).null is not None)
+                figures[prefix] = (stats.matrix(), stats.null_source)
         for _, gpt in gpts:
             enable_routing_stats(gpt, False)
         self._gates.clear()
@@ -154,22 +153,19 @@ class RoutingMonitor(Callback):
             for prefix, (matrix, null) in figures.items():
                 self._log_heatmap(trainer, f"{prefix}/routing", matrix, null, step)
 
-    def _scalars(
-        self, prefix: str, stats: list[dict[str, Tensor]], max_weight: Tensor, entropy: Tensor, gate: Tensor | None
-    ) -> dict[str, float]:
-        n_sources = [int(s["n_sources"]) for s in stats]
+    def _scalars(self, prefix: str, stats: RoutingStatistics, gate: Tensor | None) -> dict[str, float]:
         labels = routed_point_labels(len(stats))
         metrics: dict[str, float] = {}
-        for k, (label, n) in enumerate(zip(labels, n_sources)):
+        for k, (label, n) in enumerate(zip(labels, stats.n_sources)):
             if n > 1:  # a point with one source always puts weight 1 on it: nothing to see
-                metrics[f"{prefix}/max_weight/{label}"] = float(max_weight[k])
-                metrics[f"{prefix}/entropy/{label}"] = float(entropy[k])
+                metrics[f"{prefix}/max_weight/{label}"] = float(stats.max_weight[k])
+                metrics[f"{prefix}/entropy/{label}"] = float(stats.entropy[k])
             if gate is not None:
                 metrics[f"{prefix}/gate/{label}"] = float(gate[k])
-        routed = [k for k, n in enumerate(n_sources) if n > 1]
+        routed = [k for k, n in enumerate(stats.n_sources) if n > 1]
         if routed:
-            sharpness = float(max_weight[routed].mean())
-            uniform = sum(1.0 / n_sources[k] for k in routed) / len(routed)
+            sharpness = float(stats.max_weight[routed].mean())
+            uniform = sum(1.0 / stats.n_sources[k] for k in routed) / len(routed)
             collapsed = self._update_collapse(prefix, sharpness, uniform)
             metrics.update({
                 f"{prefix}/sharpness": sharpness,
@@ -226,32 +222,21 @@ def _routed_gpts(module: nn.Module) -> list[tuple[str, GPT]]:
     ]
 
 
-def _rule_scalars(trainer: Trainer, prefix: str, stats: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Per-sublayer scalars of a rule's statistics (DDL: mean β, mean |v − kᵀs|), averaged over ranks."""
-    keys = sorted(stats[0])
-    flat = torch.stack([s[k].float().reshape(()) for s in stats for k in keys]).to(trainer.strategy.root_device)
-    flat = trainer.strategy.reduce(flat, reduce_op="mean").cpu().view(len(stats), len(keys))
-    labels = routed_point_labels(len(stats))
-    metrics = {f"{prefix}/{k}/{label}": float(flat[j, i]) for j, label in enumerate(labels) for i, k in enumerate(keys)}
-    metrics.update({f"{prefix}/{k}_mean": float(flat[:, i].mean()) for i, k in enumerate(keys)})
-    return metrics
-
-
-def _reduce_stats(trainer: Trainer, stats: list[dict[str, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
-    """Per routed point max weight and entropy, and the weight matrix, averaged over all ranks.
-
-    Every rank records the weights of its own micro-batch; equal batch sizes make the mean of the
-    ranks' means the mean over the global batch. One small all-reduce per logging step.
-    """
-    max_weight = torch.stack([s["max_weight"] for s in stats]).float()
-    entropy = torch.stack([s["entropy"] for s in stats]).float()
-    matrix = routing_matrix(stats)
-    mask = matrix.isnan()
+def _mean_over_ranks(trainer: Trainer, stats: RuleStatistics) -> RuleStatistics:
+    """Every rank records its own micro-batch; equal batch sizes make the mean of the ranks' means the mean over
+    the global batch. One small all-reduce per logging step."""
     device = trainer.strategy.root_device
-    flat = torch.cat([max_weight.cpu(), entropy.cpu(), matrix.nan_to_num(0.0).flatten()]).to(device)
-    flat = trainer.strategy.reduce(flat, reduce_op="mean").cpu()
-    n = len(stats)
-    return flat[:n], flat[n : 2 * n], flat[2 * n :].view_as(matrix).masked_fill(mask, math.nan)
+    return stats.reduced(lambda flat: trainer.strategy.reduce(flat.to(device), reduce_op="mean").cpu())
+
+
+def _rule_scalars(prefix: str, stats: RuleStatistics) -> dict[str, float]:
+    """Per-sublayer scalars of a rule without routing weights (DDL: mean β, mean |v − kᵀs|) and their means."""
+    labels = routed_point_labels(len(stats))
+    metrics = {}
+    for key, values in sorted(stats.series().items()):
+        metrics.update({f"{prefix}/{key}/{label}": float(v) for label, v in zip(labels, values.float())})
+        metrics[f"{prefix}/{key}_mean"] = float(values.float().mean())
+    return metrics
 
 
 __all__ = ["RoutingMonitor"]

@@ -26,7 +26,8 @@ from lit_dar.callback import DeltaAttnResCallback
 from lit_dar.data import StdlibCorpus, ensure_tokenizer
 from lit_dar.module import LitGPTModule, convert_lightning_checkpoint, throughput_monitor
 from lit_dar.monitor import RoutingMonitor
-from lit_dar.patch import CHECKPOINT_FILE, build_model, check_state_dict, load_model, read_checkpoint
+from lit_dar.checkpoint import CHECKPOINT_FILE, check_state_dict, load_model, read_checkpoint
+from lit_dar.patch import build_model
 from lit_dar.preflight import (
     check_eval_args, check_resume_checkpoint, check_train_args, optimizer_args, prepare_data,
 )

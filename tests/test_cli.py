@@ -140,7 +140,7 @@ def test_existing_run_is_not_overwritten(capsys, tmp_path: Path) -> None:
 def test_finetune_refuses_checkpoints_it_cannot_use(capsys, tmp_path: Path) -> None:
     from conftest import tiny_config
 
-    from lit_dar.patch import save_checkpoint
+    from lit_dar.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "ckpt"
     save_checkpoint(lit_dar.build_model(tiny_config("Qwen3-0.6B")), ckpt)
@@ -245,7 +245,7 @@ def _tokenizer_dir(tmp_path: Path) -> Path:
 def test_impossible_generate_evaluate_routing_arguments(capsys, tmp_path: Path) -> None:
     from conftest import tiny_config
 
-    from lit_dar.patch import save_checkpoint
+    from lit_dar.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "ckpt"
     config = tiny_config("Qwen3-0.6B", n_layer=2, vocab_size=512, padded_vocab_size=512, block_size=16)
@@ -272,7 +272,7 @@ def test_impossible_generate_evaluate_routing_arguments(capsys, tmp_path: Path) 
 def test_corrupt_checkpoints_are_one_line(capsys, tmp_path: Path) -> None:
     from conftest import tiny_config
 
-    from lit_dar.patch import save_checkpoint
+    from lit_dar.checkpoint import save_checkpoint
 
     ckpt = tmp_path / "ckpt"
     save_checkpoint(lit_dar.build_model(tiny_config("Qwen3-0.6B", n_layer=2), lit_dar.DARConfig(num_blocks=2)), ckpt)

@@ -23,7 +23,7 @@ from litgpt.generate.base import batched_generate_fn
 from lit_dar import DARConfig, patch_model
 from lit_dar import cli
 from lit_dar.export import export_hf
-from lit_dar.patch import save_checkpoint
+from lit_dar.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -243,7 +243,7 @@ def test_round_trip_is_bit_identical(tmp_path, name, variant):
             assert value.dtype == after[key].dtype and torch.equal(value, after[key]), key
         else:
             assert value == after[key], key
-    from lit_dar.patch import load_model
+    from lit_dar.checkpoint import load_model
 
     load_model(back)  # and lit-dar loads it
 
