@@ -103,8 +103,8 @@ class DARConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields; DDL's only for mode='ddl' (elsewhere they are at their defaults), so the configs and
-        checkpoints of the routing modes read exactly as they did before DDL existed."""
+        """All fields; DDL's only for mode='ddl' (elsewhere they are at their defaults), so a routing mode's
+        config and checkpoints carry only the fields it uses."""
         data = asdict(self)
         if self.mode != DDL_MODE:
             for name in DDL_FIELDS:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -243,8 +244,6 @@ def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
 @contextmanager
 def _preserved_rng() -> Iterator[None]:
     """lm-eval reseeds python, numpy and torch; keep a surrounding training run's streams intact."""
-    import numpy as np
-
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     try:

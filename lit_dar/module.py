@@ -23,11 +23,15 @@ import torch
 import torch.nn as nn
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from litgpt import Config
 from litgpt.model import GPT, CausalSelfAttention, LLaMAMLP
 from litgpt.pretrain import get_lr
 from litgpt.utils import chunked_cross_entropy, flops_per_param, num_parameters, reset_parameters
 from torch import Tensor
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from lit_dar.config import DARConfig
@@ -110,14 +114,10 @@ class LitGPTModule(LightningModule):
             self.model.compile()
 
     def _sharded_strategy(self) -> bool:
-        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
-
         return self._trainer is not None and isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
     def _shard(self, mesh: Any) -> None:
         """FSDP2 under ``ModelParallelStrategy``: one unit per block, then the rest (embeddings, head, routing)."""
-        from torch.distributed.fsdp import fully_shard
-
         if mesh["tensor_parallel"].size() != 1:
             raise NotImplementedError("LitGPTModule shards with FSDP2 only: use tensor_parallel_size=1.")
         dp_mesh = mesh["data_parallel"]
@@ -279,8 +279,6 @@ def set_litgpt_init(model: GPT) -> None:
 
 
 def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
@@ -298,8 +296,6 @@ def read_lightning_checkpoint(path: str | Path) -> dict[str, Any]:
         return read_checkpoint(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{str(path)!r} is neither a checkpoint file nor a distributed checkpoint directory.")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "consolidated.pt")
         checkpoint = torch.load(Path(tmp) / "consolidated.pt", map_location="cpu", weights_only=True)

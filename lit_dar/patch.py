@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from litgpt.model import GPT, Block, batched_index_select, do_softcapping
 from torch import Tensor
 
@@ -163,10 +166,6 @@ def _patched_class(cls: type, mixin: type) -> type:
 
 def _check_unwrapped(model: nn.Module) -> None:
     """Routing parameters added after DDP/FSDP wrapping would not be synced or sharded: refuse early."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
-    from torch.nn.parallel import DistributedDataParallel
-
     fix = "Call lit_dar.patch_model on the plain litgpt.GPT before the strategy wraps or shards it."
     if isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)):
         raise TypeError(f"The model is already wrapped by {type(model).__name__}. {fix}")
