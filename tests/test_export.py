@@ -18,12 +18,13 @@ os.environ.setdefault("HF_MODULES_CACHE", tempfile.mkdtemp(prefix="lit-dar-hf-mo
 import pytest
 import torch
 from conftest import tiny_gpt
+from test_evaluate import _write_tasks
 from litgpt.generate.base import batched_generate_fn
 
 from lit_dar import DARConfig, patch_model
 from lit_dar import cli
-from lit_dar.export import export_hf
 from lit_dar.checkpoint import save_checkpoint
+from lit_dar.export import export_hf
 
 transformers = pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
@@ -297,34 +298,6 @@ def test_bad_input(capsys, tmp_path):
 # --------------------------------------------------------------------------------------------------
 # lm-eval's hf backend scores the export as `lit-dar evaluate` scores the checkpoint
 # --------------------------------------------------------------------------------------------------
-
-
-def _write_tasks(root: Path) -> Path:
-    docs = [
-        {"question": "def add(a, b):\n    return", "choices": ["a + b", "a - b", "None"], "answer": 0},
-        {"question": "import", "choices": ["os", "xyz"], "answer": 0},
-        {"question": "for i in", "choices": ["range(10):", "banana", "()"], "answer": 0},
-        {"question": "x = [1, 2,", "choices": ["3]", "):"], "answer": 1},
-    ]
-    data = root / "tiny.jsonl"
-    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    tasks = root / "tasks"
-    tasks.mkdir()
-    common = (
-        f"dataset_path: json\ndataset_kwargs:\n  data_files: {{test: {data}}}\n  cache_dir: {root / 'hf_cache'}\n"
-        "test_split: test\n"
-    )
-    (tasks / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\n" + common + "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\ndoc_to_choice: "{{choices}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    )
-    (tasks / "tiny_ppl.yaml").write_text(
-        "task: tiny_ppl\n" + common + "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{question}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
-    )
-    return tasks
 
 
 @pytest.mark.slow
