@@ -12,139 +12,24 @@ from the measured numbers only.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import statistics
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from jsonargparse import CLI, set_parsing_settings
-from litgpt import Config
-from litgpt.args import EvalArgs, TrainArgs
 from matplotlib.figure import Figure
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's lit_dar when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # runs.py and longer.py beside this script
+
+from longer import study_longer  # noqa: E402
+from runs import MODES, SCALES, Scale, _dar, train_run, write_section  # noqa: E402
 
 from lit_dar.config import DARConfig  # noqa: E402
-from lit_dar.data import StdlibCorpus  # noqa: E402
-from lit_dar.checkpoint import load_model  # noqa: E402
-from lit_dar.patch import enable_routing_stats, find_router  # noqa: E402
-from lit_dar.recipe import RoutingArgs, RunSpec, small_config, valid_block_counts  # noqa: E402
-from lit_dar.rule import RoutingStatistics  # noqa: E402
-from lit_dar.run import fit  # noqa: E402
-
-MODES = ["baseline", "attnres_block", "attnres_full", "delta_block", "delta", "ddl"]
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Model and training size of one study run (the same for every mode)."""
-
-    n_layer: int
-    n_embd: int
-    steps: int
-    batch: int = 16
-    seq: int = 128
-    vocab: int = 4096
-    lr: float = 3e-3
-    warmup: int = 30
-    eval_interval: int = 50
-    eval_iters: int = 16
-    num_blocks: int = 4
-    max_bytes: int = 4_000_000
-
-    def config(self) -> Config:
-        return small_config(name=f"study-L{self.n_layer}-d{self.n_embd}", n_layer=self.n_layer, n_embd=self.n_embd,
-                            n_head=self.n_embd // 32, head_size=32, vocab_size=self.vocab, block_size=self.seq)
-
-
-SCALES = {
-    "full": Scale(n_layer=12, n_embd=128, steps=250, batch=16, eval_interval=50, eval_iters=12, num_blocks=4),
-    "quick": Scale(n_layer=4, n_embd=64, steps=60, batch=8, seq=64, eval_interval=20, eval_iters=4, num_blocks=2,
-                   max_bytes=1_000_000),
-}
-
-
-def _dar(mode: str, scale: Scale, **overrides: Any) -> DARConfig | None:
-    if mode == "baseline":
-        return None
-    return DARConfig(mode=mode, num_blocks=overrides.pop("num_blocks", scale.num_blocks), **overrides)
-
-
-def train_run(
-    name: str, out: Path, scale: Scale, dar: DARConfig | None, seed: int, cache: Path,
-    initial_checkpoint_dir: Path | None = None, steps: int | None = None,
-) -> dict[str, Any]:
-    """One pretraining (or continued-training) run, or its stored result if it already finished."""
-    run_dir = out / name / f"seed{seed}"
-    done = run_dir / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    steps = steps or scale.steps
-    spec = RunSpec(
-        config=scale.config(), out_dir=run_dir, precision=None, initial_checkpoint_dir=initial_checkpoint_dir,
-        resume=False, data=StdlibCorpus(cache_dir=cache, max_bytes=scale.max_bytes, seed=seed),
-        train=TrainArgs(save_interval=steps, log_interval=10, global_batch_size=scale.batch,
-                        micro_batch_size=scale.batch, lr_warmup_steps=scale.warmup, max_steps=steps,
-                        max_seq_length=scale.seq, max_norm=1.0, min_lr=scale.lr / 10),
-        eval=EvalArgs(interval=scale.eval_interval, max_iters=scale.eval_iters, final_validation=True),
-        optimizer={"class_path": "torch.optim.AdamW", "init_args": {"lr": scale.lr, "weight_decay": 0.1}},
-        devices=1, num_nodes=1, tokenizer_dir=None, logger_name="csv", seed=seed, dar=dar,
-        routing=RoutingArgs(image_interval=0, log_interval=50), strategy="auto", activation_checkpointing=False,
-        overwrite=True, init_weights=initial_checkpoint_dir is None, enable_progress_bar=False,
-    )
-    started = time.perf_counter()
-    result = fit(spec)
-    record = {
-        "name": name, "seed": seed, "mode": "baseline" if dar is None else dar.mode,
-        "dar": None if dar is None else dar.to_dict(), "steps": steps,
-        "val_loss": result["val_loss"], "val_ppl": result["val_ppl"], "seconds": time.perf_counter() - started,
-        "curve": _val_curve(run_dir), "routing": _routing_rows(run_dir / "final", spec) if dar is not None else None,
-    }
-    done.write_text(json.dumps(record, indent=1))
-    return record
-
-
-def _val_curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = csv.DictReader((run_dir / "logs" / "metrics.csv").open())
-    return [(int(r["step"]), float(r["val_loss"])) for r in rows if r.get("val_loss")]
-
-
-def _routing_rows(final: Path, spec: Any) -> list[dict[str, float]]:
-    """Per routed point, over the first validation batches: mean max weight, entropy, and uniform references
-    (for a rule without routing weights, its own per-sublayer scalars on the first batch)."""
-    model = load_model(final).eval()
-    rule = find_router(model)
-    enable_routing_stats(model)
-    recorded = []
-    with torch.no_grad():
-        for batch in spec.data.val_dataloader():
-            model(batch[:, :-1])
-            recorded.append(rule.statistics())
-            if len(recorded) == 4 or not isinstance(recorded[0], RoutingStatistics):
-                break
-    if not isinstance(recorded[0], RoutingStatistics):
-        return [{k: float(v) for k, v in point.items()} for point in recorded[0].per_point()]
-    rows = []
-    for k, n in enumerate(recorded[0].n_sources):  # the null source included, if any
-        max_weight, entropy, mean_weight = 0.0, 0.0, torch.zeros(n)
-        for stats in recorded:
-            max_weight += stats.max_weight[k].item()
-            entropy += stats.entropy[k].item()
-            mean_weight += stats.mean_weight[k, :n]
-        batches = len(recorded)
-        rows.append({
-            "n_sources": n, "max_weight": max_weight / batches, "uniform_max_weight": 1.0 / n,
-            "normalized_entropy": (entropy / batches) / math.log(n) if n > 1 else 0.0,
-            "mean_weight": (mean_weight / batches).tolist(),
-        })
-    return rows
+from lit_dar.recipe import valid_block_counts  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,6 +47,8 @@ def study(
     scale: Scale | None = None,
     ablation_seeds: int = 1,
     conversion_seeds: int = 1,
+    longer: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Train the baseline and every residual rule with the same tokens over several seeds; write the report.
 
@@ -176,7 +63,14 @@ def study(
         scale: Override the model/training size (tests use a micro scale).
         ablation_seeds: Seeds for the block-count ablation (the first ones of ``seeds``), to fit the time budget.
         conversion_seeds: Seeds for the conversion experiment (the first ones of ``seeds``).
+        longer: Run the longer study instead (``experiments/longer.py``: each rule's gain at 250 and 1,000
+            steps over ``seeds`` seeds, an LR check, the conversion over 3 seeds); its section is ``longer``.
+        workers: Runs at a time, each on one thread (the longer study only).
     """
+    if longer:
+        if quick:
+            raise ValueError("--longer runs the study's full model at two lengths; drop --quick (or --longer).")
+        return study_longer(out_dir, report, workers, seeds, **({"scale": scale} if scale else {}))
     scale = scale or SCALES["quick" if quick else "full"]
     out_dir = Path(out_dir) / ("quick" if quick else "full")
     cache = out_dir / "data"
@@ -212,19 +106,6 @@ def study(
     print(text)
     print(f"Wrote {report}")
     return {"runs": runs, "ablation": blocks, "conversion": convert, "seconds": seconds}
-
-
-def write_section(report: Path, tag: str, text: str) -> None:
-    """Replace the ``<!-- study:TAG -->`` section of ``report`` (created if missing); the rest stays as written."""
-    begin, end = f"<!-- study:{tag} -->", f"<!-- /study:{tag} -->"
-    block = f"{begin}\n{text}\n{end}"
-    old = report.read_text() if report.is_file() else "# Results\n"
-    if begin in old and end in old:
-        new = old[: old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(new)
 
 
 def _ablation_blocks(n_layer: int) -> list[int]:

@@ -45,3 +45,8 @@ def test_micro_study_end_to_end(tmp_path: Path) -> None:
     started = time.perf_counter()
     again = study(tmp_path / "runs", quick=True, seeds=2, report=report, scale=micro, ablation_seeds=2)
     assert time.perf_counter() - started < out["seconds"] / 3 and again["seconds"] == out["seconds"]
+
+
+def test_longer_refuses_quick(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="drop --quick"):
+        study(tmp_path, quick=True, longer=True)
