@@ -404,7 +404,9 @@ def run(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in SCRIPTS:  # lab scripts with their own options; only a missing checkout is ours
         script = _report_usage_errors(argv, lambda: lab_script(argv[0]))
-        return script.main(argv[1:]) if argv[0] == "bench" else CLI(script.study, args=argv[1:], prog="lit-dar study")
+        if argv[0] == "bench":
+            return script.main(argv[1:])
+        return _report_usage_errors(argv, lambda: CLI(script.study, args=argv[1:], prog="lit-dar study"))
     return _report_usage_errors(argv, lambda: _parse_and_run(argv))
 
 

@@ -128,6 +128,11 @@ def test_bad_input_messages(capsys, tmp_path: Path) -> None:
         capsys, ["pretrain", "--data.root", str(empty), "--data.cache_dir", str(tmp_path / "c"), "--out_dir", str(tmp_path / "e")])
 
 
+def test_study_refuses_contradicting_options(capsys, tmp_path: Path) -> None:
+    line = _error_line(capsys, ["study", "--longer", "true", "--quick", "true", "--out_dir", str(tmp_path / "s")])
+    assert "drop --quick" in line and not (tmp_path / "s").exists()
+
+
 def test_existing_run_is_not_overwritten(capsys, tmp_path: Path) -> None:
     out = tmp_path / "run"
     out.mkdir()
