@@ -224,11 +224,13 @@ def conversion_table(chains: list[list[dict[str, Any]]], n: int) -> list[str]:
              f"A baseline pretrained for {half} steps, then trained {half} more steps on the same tokens: unchanged, "
              "converted to Delta Block with the zero gate (identity at the start), or converted with every "
              "pretrained weight frozen, so that only the routing trains.", "",
-             "| arm | val ppl (mean ± std) | vs continued unchanged, per seed | min per run |", "|---|---|---|---|"]
+             "| arm | val ppl (mean ± std) | vs the pretrained start | vs continued unchanged | min per run |",
+             "|---|---|---|---|---|"]
     arms = {name: {chain[0]["seed"]: r for chain in chains for r in chain if r["name"] == name} for name in CONVERSION_ARMS}
     for name, label in CONVERSION_ARMS.items():
-        vs = "—" if name in ("conv-pretrain", "conv-continued") else f"{_spread(_gains(arms[name], arms['conv-continued']))} %"
-        lines.append(f"| {label} | {_ppl(arms[name])} | {vs} | {_minutes(arms[name].values()) / seeds:.1f} |")
+        vs = ["—" if name in ("conv-pretrain", ref) else f"{_spread(_gains(arms[name], arms[ref]))} %"
+              for ref in ("conv-pretrain", "conv-continued")]
+        lines.append(f"| {label} | {_ppl(arms[name])} | {' | '.join(vs)} | {_minutes(arms[name].values()) / seeds:.1f} |")
     return lines
 
 
