@@ -81,8 +81,8 @@ def study_longer(
         out_dir: The study's directory; runs go to ``OUT_DIR/longer``.
         report: The markdown file whose ``longer`` section is written (default ``OUT_DIR/longer/results.md``).
         workers: Runs at a time, one thread each.
-        seeds: Seeds of the length part. The first two seeds' runs go first, then the LR check and the
-            conversion, then the other seeds', so that a study stopped early still has every part.
+        seeds: Seeds of the length part. The first two seeds' runs go first, then the conversion and the LR
+            check, then the other seeds', so that a study stopped early still has every part.
         steps: The lengths (default a quarter of the scale's steps, and its steps).
         lrs: The learning rates of the LR check (at the shortest length, seed 0).
         conversion_seeds: Seeds of the conversion experiment.
