@@ -18,12 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from litgpt import Tokenizer
 from matplotlib.figure import Figure
-from runs import MODES, Scale, _dar, prepare_data, run_all, stored, train_run, write_section
+from runs import MODES, Scale, _dar, corpus, prepare_data, run_all, stored, train_run, write_section
 
 from lit_dar.config import DARConfig
-from lit_dar.data import StdlibCorpus
 
 LONG_MODES = ["baseline", "attnres_block", "delta_block", "delta"]
 LENGTH = Scale(n_layer=12, n_embd=128, steps=1000, batch=16, warmup=120, eval_interval=100, eval_iters=12,
@@ -191,8 +189,7 @@ def render(scale: Scale, steps: list[int], lrs: list[float], results: dict[str, 
 
 def _train_tokens(scale: Scale, cache: Path) -> int:
     """Tokens in the training split (whole windows)."""
-    data = StdlibCorpus(cache_dir=cache, max_bytes=scale.max_bytes)
-    data.connect(Tokenizer(cache / f"tokenizer-{scale.vocab}"), batch_size=scale.batch, max_seq_length=scale.seq)
+    data = corpus(scale, cache)
     data.setup()
     return len(data.train_dataset) * (scale.seq + 1)
 

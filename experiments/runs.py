@@ -14,13 +14,13 @@ import math
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from litgpt import Config
+from litgpt import Config, Tokenizer
 from litgpt.args import EvalArgs, TrainArgs
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's lit_dar when run as a script
@@ -85,8 +85,8 @@ def train_run(
         initial_checkpoint_dir: Continue from this checkpoint instead of random weights.
         freeze_base: Train the routing parameters only.
     """
-    run_dir = out / name / f"seed{seed}"
     done = stored(out, name, seed)
+    run_dir = done.parent
     if done.is_file():
         return json.loads(done.read_text())
     steps = steps or scale.steps
@@ -156,16 +156,19 @@ def _routing_rows(final: Path, spec: Any) -> list[dict[str, float]]:
     return rows
 
 
-def prepare_data(scale: Scale, cache: Path) -> None:
-    """Train the tokenizer and tokenize both splits once, before runs share the cache."""
+def corpus(scale: Scale, cache: Path) -> StdlibCorpus:
+    """The study corpus, connected to the tokenizer in ``cache`` (trained there first if missing)."""
     vocab = scale.config().vocab_size
     tokenizer_dir = cache / f"tokenizer-{vocab}"
     ensure_tokenizer(tokenizer_dir, vocab_size=vocab, max_bytes=scale.max_bytes)
-    from litgpt import Tokenizer
-
     data = StdlibCorpus(cache_dir=cache, max_bytes=scale.max_bytes)
     data.connect(Tokenizer(tokenizer_dir), batch_size=scale.batch, max_seq_length=scale.seq)
-    data.prepare_data()
+    return data
+
+
+def prepare_data(scale: Scale, cache: Path) -> None:
+    """Train the tokenizer and tokenize both splits once, before runs share the cache."""
+    corpus(scale, cache).prepare_data()
 
 
 def _train_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -188,11 +191,7 @@ def run_all(jobs: list[Any], workers: int = 1, run: Any = None) -> list[Any]:
         return [run(job) for job in jobs]
     context = multiprocessing.get_context("spawn")  # fork would copy the parent's OpenMP state
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_thread, max_tasks_per_child=1) as pool:
-        futures = {pool.submit(run, job): k for k, job in enumerate(jobs)}
-        records: list[dict[str, Any] | None] = [None] * len(jobs)
-        for future in as_completed(futures):
-            records[futures[future]] = future.result()
-    return records
+        return list(pool.map(run, jobs))
 
 
 def write_section(report: Path, tag: str, text: str) -> None:
